@@ -1,0 +1,146 @@
+"""Write a `Source` into FFCV `.beton` files plus a JSON manifest, and read the manifest back.
+
+Each beton has three fields: `image`, `label`, and `index` (the sample's position in the full split,
+the key that joins logits, scores and selections). The manifest's fingerprints let later stages
+refuse to join a cache with the wrong dataset.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import UserError
+from .sources import Source, Split
+
+MANIFEST = "manifest.json"
+IMAGENET_MEAN = [123.675, 116.28, 103.53]
+IMAGENET_STD = [58.395, 57.12, 57.375]
+
+
+def fingerprint(split: Split) -> str:
+    """SHA-256 of the labels and the image bytes (file bytes for image folders), in index order."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(split.labels, dtype=np.int64).tobytes())
+    if split.images is not None:
+        h.update(np.ascontiguousarray(split.images).tobytes())
+    for path in split.paths:
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()[:32]
+
+
+class _Indexed:
+    """The indexable dataset FFCV's writer reads: (image, label, index) per sample."""
+
+    def __init__(self, split: Split):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        if self.split.images is not None:
+            image = self.split.images[i]
+        else:
+            from PIL import Image
+            with Image.open(self.split.paths[i]) as im:
+                image = np.asarray(im.convert("RGB"))
+        return image, int(self.split.labels[i]), i
+
+
+def write_beton(split: Split, path: Path, *, jpeg: bool, max_side: int | None,
+                jpeg_quality: int, num_workers: int) -> None:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    image_field = (RGBImageField(write_mode="jpg", max_resolution=max_side, jpeg_quality=jpeg_quality)
+                   if jpeg else RGBImageField(write_mode="raw"))
+    tmp = path.with_name(path.name + ".tmp")
+    writer = DatasetWriter(str(tmp), {"image": image_field, "label": IntField(), "index": IntField()},
+                           num_workers=num_workers)
+    writer.from_indexed_dataset(_Indexed(split))
+    os.replace(tmp, path)  # a beton under its final name is always complete
+
+
+def convert(source: Source, out_dir: str | Path, *, max_side: int = 256, jpeg_quality: int = 90,
+            num_workers: int = -1, src: str | None = None) -> dict:
+    """Write train.beton, test.beton and manifest.json into `out_dir`; return the manifest."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to {out}: {e.strerror or e}")
+    (out / MANIFEST).unlink(missing_ok=True)  # the manifest is written last: its presence means done
+
+    jpeg = source.train.images is None
+    splits = {}
+    for name, split in (("train", source.train), ("test", source.test)):
+        if len(split) == 0:
+            raise UserError(f"the {name} split of {source.name} is empty")
+        write_beton(split, out / f"{name}.beton", jpeg=jpeg, max_side=max_side,
+                    jpeg_quality=jpeg_quality, num_workers=num_workers)
+        counts = np.bincount(split.labels, minlength=len(source.classes))
+        splits[name] = {"file": f"{name}.beton", "size": len(split), "fingerprint": fingerprint(split),
+                        "class_counts": counts.tolist()}
+
+    if jpeg:
+        image_shape, mean, std = None, IMAGENET_MEAN, IMAGENET_STD
+    else:
+        image_shape = list(source.train.images.shape[1:])
+        pixels = source.train.images.reshape(-1, 3).astype(np.float64)
+        mean, std = pixels.mean(0).round(3).tolist(), pixels.std(0).round(3).tolist()
+    manifest = {
+        "schema": 1,
+        "source": source.name,
+        "src": str(src) if src else None,
+        "num_classes": len(source.classes),
+        "classes": source.classes,
+        "image_shape": image_shape,
+        "max_side": max_side if jpeg else None,
+        "mean": mean,
+        "std": std,
+        "splits": splits,
+        "fingerprint": hashlib.sha256((splits["train"]["fingerprint"] + splits["test"]["fingerprint"])
+                                      .encode()).hexdigest()[:32],
+        "kdcache_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+def dataset_info(beton: str | Path) -> dict:
+    """The manifest of the dataset a beton belongs to, plus `split` (its name), `path`, `size` and
+    `split_fingerprint`. Raises UserError for a missing beton or manifest."""
+    beton = Path(beton)
+    if not beton.is_file():
+        raise UserError(f"beton file not found: {beton}")
+    mpath = beton.parent / MANIFEST
+    if not mpath.is_file():
+        raise UserError(f"no {MANIFEST} next to {beton}: convert the data with `kdcache data` first")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{mpath} is not valid JSON")
+    for name, split in manifest["splits"].items():
+        if split["file"] == beton.name:
+            return {**manifest, "split": name, "path": str(beton), "size": split["size"],
+                    "split_fingerprint": split["fingerprint"]}
+    raise UserError(f"{beton} is not listed in {mpath}")
+
+
+def image_size(info: dict) -> int:
+    """The side length models see: the stored side for small images, a crop size for image folders."""
+    if info["image_shape"]:
+        return int(info["image_shape"][0])
+    return 224 if (info.get("max_side") or 256) >= 256 else int(info["max_side"] * 7 // 8)

@@ -1,0 +1,62 @@
+"""FFCV loaders over a beton: batches of (normalised images, labels, sample indices) on a device."""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+
+def _pipelines(info: dict, train: bool, size: int, small: bool) -> dict:
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import (CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder,
+                                       SimpleRGBImageDecoder)
+    from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, ToTensor, ToTorchImage
+
+    if small:
+        image = [SimpleRGBImageDecoder()]
+        if train:  # random crop with 4 px zero padding + flip, the CIFAR standard (DeepCore)
+            image += [RandomTranslate(padding=4), RandomHorizontalFlip()]
+    elif train:
+        image = [RandomResizedCropRGBImageDecoder((size, size)), RandomHorizontalFlip()]
+    else:
+        image = [CenterCropRGBImageDecoder((size, size), ratio=224 / 256)]
+    image += [ToTensor(), ToTorchImage(channels_last=True)]
+    return {"image": image, "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]}
+
+
+class Batches:
+    """Iterate an FFCV loader; each batch is normalised on `device` and copied out of FFCV's reused
+    buffers, so a batch stays valid after the next one arrives."""
+
+    def __init__(self, info: dict, *, batch_size: int, train: bool, device: torch.device | str = "cpu",
+                 indices: Sequence[int] | None = None, seed: int = 0, distributed: bool = False,
+                 num_workers: int = -1, drop_last: bool | None = None):
+        from ffcv.loader import Loader, OrderOption
+
+        from .beton import image_size
+
+        self.device = torch.device(device)
+        self.size = image_size(info)
+        small = info["image_shape"] is not None
+        if indices is not None:
+            indices = np.sort(np.asarray(indices, dtype=np.int64))
+        self.loader = Loader(
+            info["path"], batch_size=batch_size, num_workers=num_workers,
+            order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, seed=seed,
+            indices=indices, distributed=distributed,
+            # Training drops the last partial batch (DeepCore does too); evaluation sees every sample.
+            drop_last=train if drop_last is None else drop_last,
+            pipelines=_pipelines(info, train, self.size, small))
+        self.mean = torch.tensor(info["mean"], device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(info["std"], device=self.device).view(1, 3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for images, labels, index in self.loader:
+            x = images.to(self.device, non_blocking=True).float()  # .float() makes a fresh tensor
+            x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+            yield (x, labels.reshape(-1).to(self.device, copy=True),
+                   index.reshape(-1).to(self.device, copy=True))

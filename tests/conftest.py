@@ -1,0 +1,55 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kdcache_cli.main import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10" / "cifar-10-batches-py"
+
+
+def run_cli(*args: str, expect: int = 0):
+    """Invoke the CLI in-process; assert the exit status; return the click Result."""
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == expect, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
+    return result
+
+
+def run_console(*args: str) -> subprocess.CompletedProcess:
+    """Run the installed console script as a user would."""
+    exe = Path(sys.executable).with_name("kdcache")
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def read_beton(path: Path):
+    """Every (image, label, index) in a beton, raw, in stored order."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+
+    loader = Loader(str(path), batch_size=256, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()],
+                               "index": [IntDecoder()]})
+    images, labels, index = [], [], []
+    for x, y, i in loader:
+        images.append(np.array(x)), labels.append(np.array(y).ravel()), index.append(np.array(i).ravel())
+    return np.concatenate(images), np.concatenate(labels), np.concatenate(index)
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory) -> Path:
+    """A small synthetic dataset converted to betons: 400 train / 200 test, 4 classes, 16 px."""
+    out = tmp_path_factory.mktemp("synth")
+    run_cli("data", "synthetic", "--out", out, "--num-train", 400, "--num-test", 200,
+            "--num-classes", 4, "--image-size", 16, "--workers", 1)
+    return out
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
