@@ -8,8 +8,6 @@ import click
 from kdcache import __version__
 from kdcache.errors import UserError
 
-SHOW = {"show_default": True}
-
 
 class Group(click.Group):
     """Turns a UserError (a mistake in the input) into one line on stderr and exit status 2."""
@@ -31,30 +29,10 @@ def cli() -> None:
     """Data pruning with knowledge distillation from a cached teacher."""
 
 
-@cli.command()
-@click.argument("source", type=click.Choice(["cifar10", "cifar100", "fashion-mnist", "mnist", "imagefolder", "synthetic"]))
-@click.option("--src", type=click.Path(), default=None,
-              help="Source folder (default for fashion-mnist: /usr/share/datasets/fashion-mnist).")
-@click.option("--out", type=click.Path(), required=True, help="Folder for train.beton, test.beton, manifest.json.")
-@click.option("--max-side", default=256, **SHOW, help="imagefolder: longest stored image side (JPEG).")
-@click.option("--jpeg-quality", default=90, **SHOW, help="imagefolder: JPEG quality.")
-@click.option("--workers", default=-1, **SHOW, help="Writer processes (-1: all cores).")
-@click.option("--num-train", default=1000, **SHOW, help="synthetic: training samples.")
-@click.option("--num-test", default=500, **SHOW, help="synthetic: test samples.")
-@click.option("--num-classes", default=10, **SHOW, help="synthetic: classes.")
-@click.option("--image-size", default=32, **SHOW, help="synthetic: image side in pixels.")
-@click.option("--seed", default=0, **SHOW, help="synthetic: generator seed.")
-def data(source, src, out, max_side, jpeg_quality, workers, num_train, num_test, num_classes, image_size, seed):
-    """Convert a dataset SOURCE into FFCV train/test .beton files with a manifest."""
-    from kdcache.beton import convert
-    from kdcache.sources import load_source
+from kdcache_cli import data, dump, select, train  # noqa: E402  (each module defines its commands)
 
-    ds = load_source(source, src, num_train=num_train, num_test=num_test, num_classes=num_classes,
-                     image_size=image_size, seed=seed)
-    m = convert(ds, out, max_side=max_side, jpeg_quality=jpeg_quality, num_workers=workers, src=src)
-    click.echo(f"{source}: {m['splits']['train']['size']} train / {m['splits']['test']['size']} test, "
-               f"{m['num_classes']} classes, fingerprint {m['fingerprint']} -> {out}")
-
+for command in (data.data, dump.dump, dump.info, train.train, select.select):
+    cli.add_command(command)
 
 if __name__ == "__main__":
     cli()

@@ -144,3 +144,13 @@ def image_size(info: dict) -> int:
     if info["image_shape"]:
         return int(info["image_shape"][0])
     return 224 if (info.get("max_side") or 256) >= 256 else int(info["max_side"] * 7 // 8)
+
+
+def beton_labels(beton: str | Path) -> np.ndarray:
+    """All labels of a beton in sample-index order, read from its metadata table (no image decoding)."""
+    from ffcv.reader import Reader
+
+    meta = Reader(str(beton)).metadata
+    labels = np.empty(len(meta), dtype=np.int64)
+    labels[meta["f2"]] = meta["f1"]  # fields: f0 image, f1 label, f2 index
+    return labels
