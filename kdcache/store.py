@@ -50,9 +50,17 @@ def read_score(group: zarr.Group, name: str) -> np.ndarray:
     return group["scores"][name][:].astype(np.float32)
 
 
-def write_score(group: zarr.Group, name: str, values: np.ndarray, chunk_rows: int = 65536) -> None:
+def hardness(group: zarr.Group, name: str) -> np.ndarray:
+    """The score oriented so that higher means harder (margins, for one, are higher when easier)."""
+    values = read_score(group, name)
+    return values if group["scores"][name].attrs.get("higher_is_harder", True) else -values
+
+
+def write_score(group: zarr.Group, name: str, values: np.ndarray, *, higher_is_harder: bool = True,
+                description: str = "", chunk_rows: int = 65536) -> None:
     values = np.asarray(values, dtype=np.float32)
     arr = group.require_group("scores").create_array(
         name, shape=values.shape, dtype="float32", chunks=(min(chunk_rows, max(len(values), 1)),),
         overwrite=True)
     arr[:] = values
+    arr.attrs.update({"higher_is_harder": higher_is_harder, "description": description})
