@@ -64,3 +64,142 @@ def write_score(group: zarr.Group, name: str, values: np.ndarray, *, higher_is_h
         overwrite=True)
     arr[:] = values
     arr.attrs.update({"higher_is_harder": higher_is_harder, "description": description})
+
+
+# --- the teacher-logit cache written by `kdcache dump` ---------------------------------------------
+
+LOGITS_KIND = "teacher-logits"
+
+
+def index_dtype(num_classes: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every class index (0 .. num_classes - 1)."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if num_classes - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
+def create_score(group: zarr.Group, name: str, num_samples: int, *, higher_is_harder: bool = True,
+                 description: str = "", chunk_rows: int = 65536) -> zarr.Array:
+    """An empty `scores/<name>` array for writing in row blocks (what `write_score` does at once)."""
+    arr = group.require_group("scores").create_array(
+        name, shape=(num_samples,), dtype="float32", chunks=(min(chunk_rows, max(num_samples, 1)),),
+        overwrite=True)
+    arr.attrs.update({"higher_is_harder": higher_is_harder, "description": description})
+    return arr
+
+
+def chunk_status(group: zarr.Group) -> tuple[int, int]:
+    """(chunks done, chunks in all) of a store written chunk by chunk; a store without per-chunk
+    completion flags (e.g. training dynamics, written at once) counts as one finished chunk."""
+    if "chunks_done" not in group:
+        return 1, 1
+    done = group["chunks_done"][:]
+    return int(np.count_nonzero(done)), len(done)
+
+
+def check_complete(group: zarr.Group, url: str) -> None:
+    done, total = chunk_status(group)
+    if done < total:
+        raise UserError(f"store {url} is incomplete: {total - done} of {total} chunks missing "
+                        "(run the same kdcache dump again to finish it)")
+
+
+class LogitCache:
+    """Read-only view of a teacher-logit cache: teacher outputs by sample index.
+
+    The logit arrays are read into memory on first use (N x C float16 for a full store, N x K for a
+    top-k store), since training asks for random rows every batch.
+    """
+
+    def __init__(self, url: str, info: dict | None = None):
+        self.url = str(url)
+        self.group = open_store(self.url, "r")
+        self.attrs = self.group.attrs.asdict()
+        if self.attrs.get("kind") != LOGITS_KIND:
+            raise UserError(f"{self.url} is not a teacher-logit cache (make one with kdcache dump)")
+        check_complete(self.group, self.url)
+        if info is not None:
+            check_dataset(self.group, info)
+        self.num_samples = int(self.attrs["num_samples"])
+        self.num_classes = int(self.attrs["num_classes"])
+        self.topk = self.attrs.get("topk")
+        self.bytes_per_sample = bytes_per_sample(self.group)
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def _array(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name][:]
+        return self._arrays[name]
+
+    def logits(self, indices: np.ndarray) -> np.ndarray:
+        """float32 (len(indices), C) whose softmax at temperature T is the teacher's distribution at T.
+
+        A full store gives the teacher's logits. A top-k store gives log-probabilities: the K stored
+        classes their stored values, every other class an equal share of the remaining mass."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.topk is None:
+            return self._array("logits")[indices].astype(np.float32)
+        values = self._array("topk_values")[indices].astype(np.float32)
+        classes = self._array("topk_indices")[indices].astype(np.int64)
+        rest = 1.0 - np.exp(values).sum(1, keepdims=True)
+        # float16 rounding can push the stored mass to (or past) 1: keep the remainder tiny but positive
+        rest = np.log(np.maximum(rest, 1e-12) / (self.num_classes - self.topk))
+        out = np.repeat(rest.astype(np.float32), self.num_classes, axis=1)
+        np.put_along_axis(out, classes, values, axis=1)
+        return out
+
+    def labels(self) -> np.ndarray:
+        return self._array("labels").astype(np.int64)
+
+
+def bytes_per_sample(group: zarr.Group) -> int:
+    """Bytes of teacher output per sample, uncompressed: C x 2 (full) or K x (2 + index size) (top-k)."""
+    names = ("topk_values", "topk_indices") if "topk_values" in group else ("logits",)
+    return int(sum(np.prod(group[n].shape[1:]) * group[n].dtype.itemsize for n in names if n in group))
+
+
+def describe_store(url: str) -> dict:
+    """What `kdcache info` shows, for any kdcache store (a logit cache or a store of scores only)."""
+    url = str(url)
+    group = open_store(url, "r")
+    attrs = group.attrs.asdict()
+    manifest = attrs.pop("manifest", None) or {}
+    done, total = chunk_status(group)
+    arrays = {}
+    for path, arr in sorted(_walk_arrays(group)):
+        if path in ("chunks_done", "chunk_correct"):
+            continue
+        arrays[path] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks)}
+    rows = None  # rows of finished chunks: statistics over unwritten rows would be fill values
+    if "chunks_done" in group and done < total:
+        flags = group["chunks_done"][:].astype(bool)
+        rows = np.repeat(flags, attrs["chunk_rows"])[: attrs["num_samples"]]
+    scores = {}
+    for name in score_names(group):
+        values = read_score(group, name)
+        values = values if rows is None else values[rows]
+        finite = values[np.isfinite(values)]
+        stats = ({"min": float(finite.min()), "median": float(np.median(finite)), "max": float(finite.max())}
+                 if len(finite) else {"min": None, "median": None, "max": None})
+        scores[name] = {**stats, "higher_is_harder": bool(group["scores"][name].attrs.get("higher_is_harder", True)),
+                        "description": group["scores"][name].attrs.get("description", "")}
+    return {
+        "url": url,
+        "kind": attrs.get("kind", "scores"),
+        "attrs": attrs,
+        "dataset": {k: manifest.get(k) for k in ("source", "num_classes", "image_shape", "fingerprint")},
+        "arrays": arrays,
+        "bytes_per_sample": bytes_per_sample(group) or None,
+        "chunks_done": done,
+        "chunks_total": total,
+        "complete": done == total,
+        "scores": scores,
+    }
+
+
+def _walk_arrays(group: zarr.Group, prefix: str = ""):
+    for name, arr in group.arrays():
+        yield prefix + name, arr
+    for name, sub in group.groups():
+        yield from _walk_arrays(sub, prefix + name + "/")
