@@ -1,0 +1,260 @@
+"""Per-sample training dynamics (true-class probability, correctness, EL2N, margin per epoch) and the
+difficulty scores derived from them: forgetting events, early EL2N, dynamic uncertainty, AUM.
+
+Store layout, in any kdcache store (a logit cache or a store of its own), for each recorded run:
+    dynamics/<run>/prob     (N, E) float32  softmax probability of the true class
+    dynamics/<run>/correct  (N, E) int8     1 correct, 0 wrong, -1 not seen that epoch
+    dynamics/<run>/el2n     (N, E) float32  ||softmax - onehot||_2
+    dynamics/<run>/margin   (N, E) float32  true-class logit minus the largest other logit
+Row = sample index, column = epoch; float entries of samples not seen in an epoch are NaN. The values
+are those of the training forward pass (augmented inputs, weights moving within the epoch), as in
+Toneva et al.; they cost nothing extra to compute.
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .errors import UserError
+from .store import SCHEMA_VERSION, check_dataset, open_store, write_score
+
+ARRAYS = ("prob", "correct", "el2n", "margin")
+DYNUNC_WINDOW = 10  # He et al. 2023 use J = 10
+
+
+@contextmanager
+def _quiet():
+    """nan-aware reductions warn on all-NaN rows (never-seen samples): those rows are meant to be NaN."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def forgetting_events(correct: np.ndarray) -> np.ndarray:
+    """Toneva et al. 2019: how often each sample goes from correct to wrong between consecutive epochs
+    in which it was seen. `correct` is (N, E) of 1/0, with NaN (float) or -1 (int) where unseen.
+
+    Samples never classified correctly rank hardest: they get E + 1, above the most events possible
+    (E // 2). Samples never seen at all get NaN."""
+    c = np.asarray(correct, dtype=np.float64)
+    c = np.where(c < 0, np.nan, c)
+    n, e = c.shape
+    seen = ~np.isnan(c)
+    # value at the latest seen epoch before t (NaN if none): forward-fill, then shift by one
+    last = np.where(seen, np.arange(e), -1)
+    np.maximum.accumulate(last, axis=1, out=last)
+    prev_idx = np.concatenate([np.full((n, 1), -1), last[:, :-1]], axis=1)
+    prev = np.where(prev_idx >= 0, np.take_along_axis(np.nan_to_num(c), np.maximum(prev_idx, 0), 1), np.nan)
+    events = (seen & (prev == 1) & (c == 0)).sum(1).astype(np.float32)
+    learned = (c == 1).any(1)
+    events[~learned] = e + 1
+    events[~seen.any(1)] = np.nan
+    return events
+
+
+def early_epoch(epochs: int, fraction: float) -> int:
+    """The column `fraction` into training: the end of epoch round(fraction * E), counted from 1."""
+    return int(min(epochs - 1, max(0, round(fraction * epochs) - 1)))
+
+
+def el2n_early(el2n_runs: list[np.ndarray], epoch: int) -> np.ndarray:
+    """Paul et al. 2021: EL2N at `epoch`, averaged over runs (seeds). A sample not seen at `epoch` in
+    a run (a dropped last batch) takes that run's value from its nearest seen epoch (earlier on a tie)."""
+    values = []
+    for el2n in el2n_runs:
+        el2n = np.asarray(el2n, dtype=np.float64)
+        seen = ~np.isnan(el2n)
+        distance = np.abs(np.arange(el2n.shape[1]) - epoch) * 2 + (np.arange(el2n.shape[1]) > epoch)
+        distance = np.where(seen, distance, np.iinfo(np.int64).max)
+        nearest = distance.argmin(1)
+        values.append(np.where(seen.any(1), el2n[np.arange(len(el2n)), nearest], np.nan))
+    with _quiet():
+        return np.nanmean(np.stack(values), axis=0).astype(np.float32)
+
+
+def dynamic_uncertainty(prob: np.ndarray, window: int = DYNUNC_WINDOW) -> np.ndarray:
+    """He et al. 2023: the standard deviation (ddof=1, as in the paper) of the true-class probability
+    over each window of `window` consecutive epochs, averaged over the E - window + 1 windows.
+    `window` is clipped to E; unseen epochs (NaN) are left out of their windows."""
+    prob = np.asarray(prob, dtype=np.float64)
+    window = min(window, prob.shape[1])
+    if window < 2:
+        return np.full(len(prob), np.nan, dtype=np.float32)
+    windows = np.lib.stride_tricks.sliding_window_view(prob, window, axis=1)  # (N, E-w+1, w)
+    with _quiet():
+        return np.nanmean(np.nanstd(windows, axis=2, ddof=1), axis=1).astype(np.float32)
+
+
+def aum(margin: np.ndarray) -> np.ndarray:
+    """Area under the margin (Pleiss et al. 2020): the true-class logit margin averaged over epochs.
+    Low (negative) AUM marks hard or mislabelled samples."""
+    with _quiet():
+        return np.nanmean(np.asarray(margin, dtype=np.float64), axis=1).astype(np.float32)
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+class DynamicsRecorder:
+    """Accumulates the dynamics of one training run on the device and writes one column per epoch.
+
+    Use: `update(index, logits, labels)` every step, `end_epoch(epoch)` after each epoch, `finish()`
+    at the end to derive the scores. Under torch.distributed every rank calls all three; only rank 0
+    touches the store."""
+
+    def __init__(self, url: str, info: dict, epochs: int, *, run: str = "seed0",
+                 early_fraction: float = 0.2, device: str | torch.device = "cpu", resume: bool = False):
+        if epochs < 1:
+            raise UserError(f"cannot record dynamics over {epochs} epochs")
+        if not 0 < early_fraction <= 1:
+            raise UserError(f"the early-EL2N fraction must be in (0, 1], got {early_fraction}")
+        if not run or "/" in run:
+            raise UserError(f"bad dynamics run name {run!r}")
+        self.url, self.run, self.epochs, self.early_fraction = str(url), run, epochs, early_fraction
+        self.num_samples = int(info["splits"]["train"]["size"])
+        self.device = torch.device(device)
+        # rows: summed prob, correct, el2n, margin, and the number of times the sample was seen
+        self.buffers = torch.zeros(5, self.num_samples, dtype=torch.float32, device=self.device)
+        self.rank = _rank()
+        self.group = None
+        self._check(info)  # every rank, read-only, so a bad store fails on all ranks alike
+        if self.rank == 0:
+            self.group = self._open(info, resume)
+
+    def _check(self, info: dict) -> None:
+        try:
+            root = open_store(self.url, "r")
+        except UserError:
+            return  # no store yet: rank 0 creates it
+        if "fingerprint" in root.attrs:
+            check_dataset(root, info)
+        elif any(True for _ in root.members()):
+            raise UserError(f"{self.url} holds data but is not a kdcache store (no fingerprint)")
+
+    def _open(self, info: dict, resume: bool):
+        root = open_store(self.url, "a")
+        if "fingerprint" not in root.attrs:
+            manifest = {k: v for k, v in info.items() if k not in ("split", "path", "size", "split_fingerprint")}
+            root.attrs.update({"schema_version": SCHEMA_VERSION, "fingerprint": info["splits"]["train"]["fingerprint"],
+                               "manifest": manifest, "kdcache_version": __version__})
+        if "labels" not in root:  # lets `kdcache select --store` work without --data
+            from .beton import beton_labels
+            labels = beton_labels(info["path"])
+            root.create_array("labels", shape=labels.shape, dtype="int64",
+                              chunks=(min(65536, len(labels)),))[:] = labels
+        name = f"dynamics/{self.run}"
+        if resume and name in root and all(a in root[name] for a in ARRAYS):
+            group = root[name]
+            if group["prob"].shape[0] != self.num_samples:
+                raise UserError(f"{self.url} {name} has {group['prob'].shape[0]} rows, the dataset "
+                                f"{self.num_samples} samples")
+            if group["prob"].shape[1] != self.epochs:  # a resumed run with another epoch count
+                for a in ARRAYS:
+                    group[a].resize((self.num_samples, self.epochs))
+                done = [e for e in group.attrs.get("epochs_written", []) if e < self.epochs]
+                group.attrs.update({"epochs": self.epochs, "epochs_written": done})
+            return group
+        group = root.require_group("dynamics").require_group(self.run, overwrite=True)
+        # one zarr chunk per (row block, epoch): writing an epoch's column never rewrites other epochs
+        chunks = (min(65536, self.num_samples), 1)
+        for a in ARRAYS:
+            int8 = a == "correct"
+            group.create_array(a, shape=(self.num_samples, self.epochs), dtype="int8" if int8 else "float32",
+                               chunks=chunks, fill_value=-1 if int8 else np.nan, overwrite=True)
+        group.attrs.update({"epochs": self.epochs, "epochs_written": [], "early_fraction": self.early_fraction,
+                            "description": "per-sample training dynamics; row = sample index, column = epoch; "
+                                           "NaN (correct: -1) = not seen that epoch"})
+        return group
+
+    @torch.no_grad()
+    def update(self, index: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Accumulate one step's (detached) logits. Asynchronous on CUDA: nothing here waits for the GPU."""
+        z = logits.detach().float()
+        y = labels.to(z.device).long().view(-1, 1)
+        p = F.softmax(z, dim=1)
+        p_true = p.gather(1, y).squeeze(1)
+        correct = (z.argmax(1, keepdim=True) == y).squeeze(1).float()
+        el2n = (p.square().sum(1) - 2 * p_true + 1).clamp_min(0).sqrt()  # ||p - onehot(y)||_2
+        z_true = z.gather(1, y).squeeze(1)
+        margin = z_true - z.scatter(1, y, float("-inf")).amax(1)
+        rows = torch.stack([p_true, correct, el2n, margin, torch.ones_like(p_true)])
+        self.buffers.index_add_(1, index.to(self.device, non_blocking=True).long(), rows.to(self.device))
+
+    def end_epoch(self, epoch: int) -> None:
+        """Write column `epoch` (mean over the sample's appearances this epoch), then reset."""
+        if not 0 <= epoch < self.epochs:
+            raise ValueError(f"epoch {epoch} outside 0..{self.epochs - 1}")
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.buffers)  # each rank saw a disjoint share of samples
+        if self.rank == 0:
+            sums = self.buffers.cpu().numpy()
+            count = sums[4]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = sums[:4] / count
+            unseen = count == 0
+            mean[:, unseen] = np.nan
+            correct = np.where(unseen, -1, mean[1] >= 0.5).astype(np.int8)
+            for name, column in zip(ARRAYS, (mean[0], correct, mean[2], mean[3])):
+                self.group[name][:, epoch] = column
+            done = sorted(set(self.group.attrs.get("epochs_written", [])) | {epoch})
+            self.group.attrs["epochs_written"] = done
+        self.buffers.zero_()
+
+    def finish(self) -> list[str]:
+        """Derive scores from every run recorded in the store and write them to scores/<name>; return
+        their names (on rank 0; other ranks return [])."""
+        if self.rank != 0:
+            return []
+        root = open_store(self.url, "a")
+        return write_dynamics_scores(root, early_fraction=self.early_fraction)
+
+
+# name -> (higher_is_harder, description)
+SCORES = {
+    "forgetting": (True, "forgetting events over training epochs, mean over runs (Toneva et al. 2019); "
+                         "never-learned samples get epochs + 1"),
+    "el2n_early": (True, "EL2N early in training, mean over runs (Paul et al. 2021)"),
+    "dynunc": (True, f"dynamic uncertainty: std of the true-class probability over {DYNUNC_WINDOW}-epoch "
+                     "windows, mean over windows and runs (He et al. 2023)"),
+    "aum": (False, "area under the margin: true-class logit margin averaged over epochs and runs "
+                   "(Pleiss et al. 2020)"),
+}
+
+
+def read_runs(root) -> dict[str, dict[str, np.ndarray]]:
+    """Every run under dynamics/: {run: {array name: (N, E) array}}."""
+    if "dynamics" not in root:
+        return {}
+    return {name: {a: group[a][:] for a in ARRAYS} for name, group in sorted(root["dynamics"].groups())
+            if all(a in group for a in ARRAYS)}
+
+
+def write_dynamics_scores(root, *, early_fraction: float = 0.2, window: int = DYNUNC_WINDOW) -> list[str]:
+    """Compute forgetting, el2n_early, dynunc and aum from all recorded runs; write them; return names."""
+    runs = read_runs(root)
+    if not runs:
+        return []
+    per_run = {name: [] for name in SCORES}
+    for arrays in runs.values():
+        epochs = arrays["prob"].shape[1]
+        correct = np.where(arrays["correct"] < 0, np.nan, arrays["correct"].astype(np.float32))
+        per_run["forgetting"].append(forgetting_events(correct))
+        per_run["el2n_early"].append(el2n_early([arrays["el2n"]], early_epoch(epochs, early_fraction)))
+        per_run["dynunc"].append(dynamic_uncertainty(arrays["prob"], window))
+        per_run["aum"].append(aum(arrays["margin"]))
+    written = []
+    for name, values in per_run.items():
+        with _quiet():
+            score = np.nanmean(np.stack(values), axis=0)
+        if np.isnan(score).all():  # e.g. dynamic uncertainty of a one-epoch run
+            continue
+        higher_is_harder, description = SCORES[name]
+        write_score(root, name, score, higher_is_harder=higher_is_harder, description=description)
+        written.append(name)
+    return written
