@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 
-def _pipelines(info: dict, train: bool, size: int, small: bool) -> dict:
+def _pipelines(info: dict, augment: bool, size: int, small: bool) -> dict:
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import (CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder,
                                        SimpleRGBImageDecoder)
@@ -15,9 +15,9 @@ def _pipelines(info: dict, train: bool, size: int, small: bool) -> dict:
 
     if small:
         image = [SimpleRGBImageDecoder()]
-        if train:  # random crop with 4 px zero padding + flip, the CIFAR standard (DeepCore)
+        if augment:  # random crop with 4 px zero padding + flip, the CIFAR standard (DeepCore)
             image += [RandomTranslate(padding=4), RandomHorizontalFlip()]
-    elif train:
+    elif augment:
         image = [RandomResizedCropRGBImageDecoder((size, size)), RandomHorizontalFlip()]
     else:
         image = [CenterCropRGBImageDecoder((size, size), ratio=224 / 256)]
@@ -27,11 +27,14 @@ def _pipelines(info: dict, train: bool, size: int, small: bool) -> dict:
 
 class Batches:
     """Iterate an FFCV loader; each batch is normalised on `device` and copied out of FFCV's reused
-    buffers, so a batch stays valid after the next one arrives."""
+    buffers, so a batch stays valid after the next one arrives.
+
+    `train` means random order and augmentation (unless `augment` says otherwise); otherwise the
+    samples come in index order, unaugmented, every one of them."""
 
     def __init__(self, info: dict, *, batch_size: int, train: bool, device: torch.device | str = "cpu",
                  indices: Sequence[int] | None = None, seed: int = 0, distributed: bool = False,
-                 num_workers: int = -1, drop_last: bool | None = None):
+                 num_workers: int = -1, augment: bool | None = None):
         from ffcv.loader import Loader, OrderOption
 
         from .beton import image_size
@@ -45,9 +48,10 @@ class Batches:
             info["path"], batch_size=batch_size, num_workers=num_workers,
             order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, seed=seed,
             indices=indices, distributed=distributed,
-            # Training drops the last partial batch (DeepCore does too); evaluation sees every sample.
-            drop_last=train if drop_last is None else drop_last,
-            pipelines=_pipelines(info, train, self.size, small))
+            # Never drop a partial batch: an epoch visits every selected sample exactly once (BatchNorm
+            # in conv layers normalises over N*H*W, so even a last batch of one sample is fine).
+            drop_last=False,
+            pipelines=_pipelines(info, train if augment is None else augment, self.size, small))
         self.mean = torch.tensor(info["mean"], device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(info["std"], device=self.device).view(1, 3, 1, 1)
 

@@ -1,0 +1,179 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_cli
+from kdcache.distill import auto_alpha, kd_loss
+
+FAST = ["--arch", "resnet20", "--batch-size", 32, "--workers", 1, "--lr", 0.05]
+
+
+def reference_kd(student, teacher, labels, alpha, t):
+    """The loss written out term by term: (1-a) CE + a T^2 sum_i p_i (log p_i - log q_i), batch mean."""
+    p = torch.softmax(teacher / t, 1)
+    log_q = torch.log_softmax(student / t, 1)
+    kl = (p * (torch.log(p) - log_q)).sum(1).mean()
+    ce = -torch.log_softmax(student, 1)[torch.arange(len(labels)), labels].mean()
+    return (1 - alpha) * ce + alpha * t * t * kl
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("t", [1.0, 4.0])
+def test_kd_loss_matches_reference(alpha, t):
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(8, 5, generator=g) * 3, torch.randn(8, 5, generator=g) * 3
+    labels = torch.randint(0, 5, (8,), generator=g)
+    loss, ce, kl = kd_loss(student, teacher, labels, alpha, t)
+    torch.testing.assert_close(loss, reference_kd(student, teacher, labels, alpha, t))
+    torch.testing.assert_close(ce, F.cross_entropy(student, labels))
+    if alpha == 0:
+        torch.testing.assert_close(loss, ce)
+    # A teacher's logits and its log-probabilities (what top-k caches hold) give the same loss.
+    loss_lp, _, _ = kd_loss(student, torch.log_softmax(teacher, 1), labels, alpha, t)
+    torch.testing.assert_close(loss_lp, loss)
+
+
+def test_kd_loss_topk_reconstruction():
+    """A top-k cache row (top log-probs kept, the rest of the mass spread evenly) enters the loss as the
+    distribution it describes."""
+    teacher = torch.tensor([[4.0, 2.0, 0.5, 0.1, -1.0]])
+    logp = torch.log_softmax(teacher, 1)
+    top = logp[0, :2]
+    rest = torch.log((1 - top.exp().sum()) / 3)
+    row = torch.cat([top, rest.repeat(3)])[None]
+    student, labels = torch.randn(1, 5), torch.tensor([1])
+    t = 2.0
+    p = torch.softmax(row / t, 1)
+    expected = 0.5 * F.cross_entropy(student, labels) + 0.5 * t * t * (
+        p * (p.log() - torch.log_softmax(student / t, 1))).sum()
+    loss, _, _ = kd_loss(student, row, labels, 0.5, t)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_auto_alpha_is_monotone_with_published_ends():
+    fractions = [1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05, 0.01]
+    alphas = [auto_alpha(f) for f in fractions]
+    assert alphas == sorted(alphas)  # smaller fractions lean more on the teacher
+    assert alphas[0] == 0.5 and auto_alpha(0.1) == 0.9 and alphas[-1] == 0.9
+
+
+def test_epoch_visits_selected_indices_once(synth):
+    from kdcache.beton import dataset_info
+    from kdcache.loader import Batches
+
+    chosen = np.random.default_rng(0).choice(400, size=77, replace=False)
+    batches = Batches(dataset_info(synth / "train.beton"), batch_size=16, train=True, indices=chosen,
+                      num_workers=1)
+    orders = []
+    for _ in range(2):
+        seen = torch.cat([index for _, _, index in batches]).numpy()
+        assert sorted(seen.tolist()) == sorted(chosen.tolist())
+        orders.append(seen)
+    assert not np.array_equal(orders[0], orders[1])  # reshuffled every epoch
+
+
+def test_cached_logits_reach_their_samples(synth, monkeypatch):
+    """After shuffling, each batch's teacher rows are the cache rows of exactly those sample indices."""
+    import kdcache.store
+    from kdcache.beton import dataset_info
+    from kdcache.loader import Batches
+    from kdcache.train import Teacher, TrainConfig
+
+    class IndexCache:  # row i encodes i in its first column
+        def __init__(self, url, info):
+            self.num_classes, self.bytes_per_sample = 4, 8
+
+        def logits(self, indices):
+            return np.stack([indices, -indices, indices * 2, indices * 3], 1).astype(np.float32)
+
+    monkeypatch.setattr(kdcache.store, "LogitCache", IndexCache, raising=False)
+    info = dataset_info(synth / "train.beton")
+    chosen = np.arange(3, 400, 5)
+    teacher = Teacher(TrainConfig(data="", out="", cache="fake"), info, chosen, torch.device("cpu"))
+    for x, _, index in Batches(info, batch_size=16, train=True, indices=chosen, num_workers=1):
+        rows = teacher(x, index)
+        assert torch.equal(rows[:, 0].long(), index) and torch.equal(rows[:, 2].long(), 2 * index)
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_run_learns_and_writes_outputs(synth, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("train", "--data", synth / "train.beton", "--out", out, "--fraction", 1, "--alpha", 0,
+                "--epochs", 6, *FAST)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_acc"] > 0.75, summary  # 4 classes: chance is 0.25
+    assert "test accuracy" in r.output
+    rows = read_metrics(out)
+    assert [row["epoch"] for row in rows] == list(range(1, 7))
+    assert rows[-1]["lr"] < rows[0]["lr"] and all(row["images_per_sec"] > 0 for row in rows)
+    config = json.loads((out / "config.json").read_text())
+    assert config["alpha_resolved"] == 0.0 and config["fraction"] == 1.0
+    assert config["train_fingerprint"] and config["epochs"] == 6
+    assert sorted(np.load(out / "indices.npy").tolist()) == list(range(400))
+    assert not (out / "last.pt").exists()
+    from kdcache.models import load_checkpoint
+    model, meta = load_checkpoint(out / "model.pt")
+    assert meta["arch"] == "resnet20" and meta["num_classes"] == 4 and meta["test_acc"] == summary["test_acc"]
+
+
+def test_steps_fix_the_number_of_updates(synth, tmp_path):
+    out = tmp_path / "steps"
+    run_cli("train", "--data", synth / "train.beton", "--out", out, "--indices", _indices(tmp_path, 100),
+            "--alpha", 0, "--steps", 7, "--eval-every", 100, *FAST)
+    summary = json.loads((out / "summary.json").read_text())
+    # 100 samples at batch 32 are 4 steps an epoch: 7 steps take 2 epochs, the second cut short.
+    assert summary["steps"] == 7 and summary["epochs"] == 2 and summary["fraction"] == 0.25
+    assert read_metrics(out)[0]["test_acc"] is None  # evaluation only at the end
+
+
+def _indices(tmp_path, n):
+    path = tmp_path / f"first{n}.npy"
+    np.save(path, np.arange(n))
+    return path
+
+
+def test_resume_after_kill_equals_uninterrupted(synth, tmp_path):
+    args = ["train", "--data", synth / "train.beton", "--indices", _indices(tmp_path, 128), "--alpha", 0,
+            "--epochs", 2, "--no-augment", *FAST]
+    run_cli(*args, "--out", tmp_path / "whole")
+    killed = tmp_path / "killed"
+    env = {**os.environ, "KDCACHE_DIE_AFTER_EPOCH": "1"}
+    p = subprocess.run([sys.executable, "-m", "kdcache_cli.main", *map(str, args), "--out", str(killed)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert (killed / "last.pt").exists() and not (killed / "summary.json").exists()
+    assert len(read_metrics(killed)) == 1
+    run_cli(*args, "--out", killed, "--resume")
+    a, b = read_metrics(tmp_path / "whole"), read_metrics(killed)
+    assert len(b) == 2
+    for key in ("train_loss", "test_loss", "test_acc"):
+        assert b[1][key] == pytest.approx(a[1][key], rel=1e-4, abs=1e-5)
+    wa = torch.load(tmp_path / "whole" / "model.pt", weights_only=False)["state_dict"]
+    wb = torch.load(killed / "model.pt", weights_only=False)["state_dict"]
+    for k in wa:
+        torch.testing.assert_close(wb[k].float(), wa[k].float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fraction", 0], "--fraction must be in (0, 1], got 0.0"),
+    (["--fraction", 1.5], "--fraction must be in (0, 1], got 1.5"),
+    (["--alpha", 1.2], "--alpha must be in [0, 1], got 1.2"),
+    (["--alpha", "much"], "--alpha must be a number in [0, 1] or 'auto', got 'much'"),
+    (["--alpha", 0.5], "needs a teacher: pass --cache"),
+    (["--test", "nowhere/test.beton"], "test set not found: nowhere/test.beton"),
+    (["--teacher-online", "resnet20"], "--teacher-online needs --teacher-checkpoint"),
+])
+def test_bad_inputs(synth, tmp_path, args, message):
+    r = run_cli("train", "--data", synth / "train.beton", "--out", tmp_path / "bad", "--alpha", 0, *args,
+                expect=2)
+    assert message in r.output
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()  # refused before any training
