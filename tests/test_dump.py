@@ -1,0 +1,262 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import manifest, read_beton, run_cli
+from kdcache.errors import UserError
+from kdcache.scores import TEACHER_SCORES, teacher_scores
+from kdcache.store import LogitCache, open_store
+
+# 400 samples in chunks of 128: four chunks, the last one partial
+DUMP = ("--batch-size", 64, "--chunk-rows", 128, "--workers", 1)
+ARRAYS = ["logits", "labels"] + [f"scores/{name}" for name in TEACHER_SCORES]
+
+
+def make_teacher(path, seed):
+    from kdcache.models import build_model, save_checkpoint
+    torch.manual_seed(seed)
+    model = build_model("resnet20", 4, 16)
+    with torch.no_grad():  # random BatchNorm statistics, so that outputs differ clearly per sample
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2)
+        model.fc.weight.mul_(20)
+    save_checkpoint(path, model, arch="resnet20", num_classes=4, image_size=16)
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt", seed=0)
+
+
+@pytest.fixture(scope="module")
+def full(synth, teacher, tmp_path_factory):
+    """An uninterrupted single-process dump: the reference every other dump must equal."""
+    out = tmp_path_factory.mktemp("full") / "cache.zarr"
+    run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+            "--out", out, *DUMP)
+    return out
+
+
+def direct_outputs(synth, teacher):
+    """The teacher applied directly to every training image (no loader, no store), by sample index."""
+    from kdcache.models import last_linear, load_checkpoint
+    images, labels, index = read_beton(synth / "train.beton")
+    order = np.argsort(index)
+    images, labels = images[order], labels[order]
+    m = manifest(synth)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    x = (x - torch.tensor(m["mean"]).view(1, 3, 1, 1)) / torch.tensor(m["std"]).view(1, 3, 1, 1)
+    model, _ = load_checkpoint(teacher)
+    feats = {}
+    last_linear(model).register_forward_pre_hook(lambda mod, a: feats.__setitem__("h", a[0]))
+    with torch.no_grad():
+        logits = model(x)
+    return x, logits, torch.from_numpy(labels.astype(np.int64)), feats["h"]
+
+
+def read_all(url):
+    g = open_store(str(url), "r")
+    return {name: g[name][:] for name in ARRAYS if name in g or name.startswith("scores/")}
+
+
+def assert_same_store(a, b):
+    got, want = read_all(a), read_all(b)
+    for name in ARRAYS:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    ga, gb = open_store(str(a)).attrs, open_store(str(b)).attrs
+    assert ga["teacher_accuracy"] == gb["teacher_accuracy"]
+
+
+def test_scores_equal_direct_reference_computations():
+    torch.manual_seed(0)
+    b, d, c = 6, 5, 4
+    h = torch.randn(b, d)
+    y = torch.tensor([0, 1, 2, 3, 1, 0])
+    for bias in (True, False):
+        layer = nn.Linear(d, c, bias=bias)
+        logits = layer(h).detach()
+        got = teacher_scores(logits, y, h, has_bias=bias)
+        assert set(got) == set(TEACHER_SCORES) and all(v.shape == (b,) for v in got.values())
+        p = logits.softmax(1)
+        for i in range(b):
+            # GraNd: the norm of the per-sample gradient of the last layer's parameters, by autograd
+            loss = F.cross_entropy(layer(h[i:i + 1]), y[i:i + 1])
+            grads = torch.autograd.grad(loss, list(layer.parameters()))
+            assert torch.isclose(got["grand"][i], torch.sqrt(sum((g ** 2).sum() for g in grads)), rtol=1e-5)
+            assert torch.isclose(got["loss"][i], loss.detach(), rtol=1e-5)
+            others = [logits[i, j] for j in range(c) if j != y[i]]
+            assert torch.isclose(got["margin"][i], logits[i, y[i]] - max(others), atol=1e-6)
+            entropy = -sum(float(q) * np.log(float(q)) for q in p[i])
+            assert got["entropy"][i].item() == pytest.approx(entropy, rel=1e-5)
+            onehot = np.eye(c)[int(y[i])]
+            assert got["el2n"][i].item() == pytest.approx(np.linalg.norm(p[i].numpy() - onehot), rel=1e-5)
+    # a saturated softmax: entropy 0, not nan
+    sat = teacher_scores(torch.tensor([[1000.0, 0, 0]]), torch.tensor([0]), torch.ones(1, 2), True)
+    assert sat["entropy"].item() == 0 and sat["loss"].item() == 0
+
+
+def test_store_holds_the_teachers_outputs(synth, teacher, full):
+    x, logits, labels, h = direct_outputs(synth, teacher)
+    cache = LogitCache(str(full), __import__("kdcache.beton", fromlist=["x"]).dataset_info(synth / "train.beton"))
+    got = cache.logits(np.arange(400))
+    # equal to the teacher's outputs to float16 precision
+    np.testing.assert_allclose(got, logits.numpy(), rtol=2 ** -10, atol=1e-3)
+    assert np.abs(got - logits.numpy().astype(np.float16)).max() <= 0.01 * np.abs(logits.numpy()).max()
+    np.testing.assert_array_equal(cache.labels(), labels.numpy())
+    ref = teacher_scores(logits, labels, h, has_bias=True)
+    g = open_store(str(full))
+    for name, values in ref.items():
+        np.testing.assert_allclose(g["scores"][name][:], values.numpy(), rtol=1e-3, atol=1e-3, err_msg=name)
+        assert g["scores"][name].attrs["higher_is_harder"] == TEACHER_SCORES[name][0]
+    a = cache.attrs
+    assert a["teacher_accuracy"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    assert 0 < a["teacher_accuracy"] < 1 and np.ptp(got, axis=0).min() > 0.1  # outputs vary by sample
+    assert a["fingerprint"] == manifest(synth)["splits"]["train"]["fingerprint"]
+    assert a["manifest"]["num_classes"] == 4 and a["teacher"] == "resnet20"
+    from kdcache.models import sha256_file
+    assert a["checkpoint_sha256"] == sha256_file(teacher)
+    assert a["schema_version"] == 1 and a["kdcache_version"] and a["created"] and "pytest" in a["command"]
+    assert (a["num_samples"], a["num_classes"], a["chunk_rows"], a["topk"]) == (400, 4, 128, None)
+    assert g["logits"].dtype == np.float16 and g["logits"].chunks == (128, 4)
+
+    text = run_cli("info", full).output
+    assert "4 of 4 done: complete" in text and "8 per sample" in text and "resnet20" in text
+    assert f"{100 * a['teacher_accuracy']:.2f}%" in text
+    d = json.loads(run_cli("info", full, "--json").output)
+    assert d["arrays"]["logits"] == {"shape": [400, 4], "dtype": "float16", "chunks": [128, 4]}
+    loss = g["scores"]["loss"][:]
+    assert d["scores"]["loss"]["median"] == pytest.approx(float(np.median(loss)))
+    assert d["scores"]["margin"]["higher_is_harder"] is False
+
+
+def test_topk_store_rebuilds_the_distribution(synth, teacher, tmp_path):
+    _, logits, _, _ = direct_outputs(synth, teacher)
+    out = tmp_path / "top2.zarr"
+    run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+            "--out", out, "--topk", 2, *DUMP)
+    g = open_store(str(out))
+    assert "logits" not in g and g["topk_indices"].dtype == np.uint8 and g["topk_values"].dtype == np.float16
+    cache = LogitCache(str(out))
+    assert cache.topk == 2 and cache.bytes_per_sample == 2 * 3
+    log_p = F.log_softmax(logits, 1)
+    values, classes = log_p.topk(2, dim=1)
+    np.testing.assert_array_equal(g["topk_indices"][:], classes.numpy())
+    np.testing.assert_allclose(g["topk_values"][:], values.numpy(), rtol=2 ** -10, atol=1e-3)
+    rebuilt = torch.from_numpy(cache.logits(np.arange(400)))
+    for t in (1.0, 4.0):  # softmax(logits / T) is a distribution whose top classes match the teacher's
+        p = (rebuilt / t).softmax(1)
+        assert torch.allclose(p.sum(1), torch.ones(400))
+        assert torch.equal(p.argmax(1), logits.argmax(1))
+    p = rebuilt.exp()
+    np.testing.assert_allclose(p.gather(1, classes), values.exp(), rtol=3e-3)
+    rest = (1 - values.exp().sum(1)) / 2
+    mask = torch.ones(400, 4, dtype=torch.bool).scatter(1, classes, False)
+    np.testing.assert_allclose(p[mask].view(400, 2), rest[:, None].expand(400, 2), rtol=1e-2, atol=1e-4)
+
+
+def test_kill_and_resume_equals_uninterrupted(synth, teacher, full, tmp_path):
+    out = tmp_path / "cache.zarr"
+    env = {**os.environ, "KDCACHE_DIE_AFTER_CHUNKS": "2"}
+    args = ["dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+            "--out", out, *DUMP]
+    run = subprocess.run([sys.executable, "-m", "kdcache_cli.main", *map(str, args)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == -9, run.stderr  # SIGKILL
+    with pytest.raises(UserError, match="2 of 4 chunks missing"):
+        LogitCache(str(out))
+    assert "2 of 4 done: INCOMPLETE" in run_cli("info", out).output
+    run_cli(*args)
+    assert_same_store(out, full)
+    run_cli(*args)  # a finished store: nothing to do, still the same
+    assert_same_store(out, full)
+
+
+def test_two_process_dump_equals_single_process(synth, teacher, full, tmp_path):
+    out = tmp_path / "cache.zarr"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "kdcache_cli.main", "dump", "--teacher", "resnet20", "--checkpoint", str(teacher),
+         "--data", str(synth / "train.beton"), "--out", str(out), "--device", "cpu", *map(str, DUMP)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_store(out, full)
+
+
+def test_mismatched_store_is_refused_until_overwrite(synth, teacher, full, tmp_path):
+    out = tmp_path / "cache.zarr"
+    shutil.copytree(full, out)
+    data = ("--data", synth / "train.beton", "--out", out, *DUMP)
+    other = make_teacher(tmp_path / "other.pt", seed=1)
+    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", other, *data, expect=2)
+    assert "another checkpoint SHA-256" in r.output and "--overwrite" in r.output
+
+    g = open_store(str(out), "r+")
+    g.attrs["fingerprint"] = "0" * 32  # as if made from another dataset
+    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, *data, expect=2)
+    assert "another dataset fingerprint" in r.output
+    from kdcache.beton import dataset_info
+    with pytest.raises(UserError, match="another dataset"):
+        LogitCache(str(out), dataset_info(synth / "train.beton"))
+
+    run_cli("dump", "--teacher", "resnet20", "--checkpoint", other, *data, "--overwrite")
+    from kdcache.models import sha256_file
+    assert LogitCache(str(out)).attrs["checkpoint_sha256"] == sha256_file(other)
+    assert not np.array_equal(read_all(out)["logits"], read_all(full)["logits"])
+
+
+def test_user_mistakes_are_one_line_errors(synth, teacher, tmp_path):
+    base = ("--data", synth / "train.beton", "--out", tmp_path / "s.zarr")
+    cases = [
+        (("--teacher", "resnet32", "--checkpoint", teacher), "holds a resnet20"),
+        (("--teacher", "resnet20"), "exactly one of --checkpoint PATH and --pretrained"),
+        (("--teacher", "resnet20", "--checkpoint", teacher, "--batch-size", 100), "multiple of --batch-size"),
+        (("--teacher", "resnet20", "--checkpoint", teacher, "--topk", 4), "--topk must be between 1 and 3"),
+    ]
+    for args, message in cases:
+        r = run_cli("dump", *args, *base, expect=2)
+        assert message in r.output and "Traceback" not in r.output
+    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "test.beton",
+                "--out", tmp_path / "s.zarr", expect=2)
+    assert "training split" in r.output
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+                "--out", tmp_path / "notes", "--overwrite", expect=2)
+    assert "is not a kdcache store" in r.output and (tmp_path / "notes" / "keep.txt").exists()
+
+
+def test_non_finite_output_names_first_bad_sample(synth, teacher, tmp_path, monkeypatch):
+    import kdcache.dump
+    x, _, _, _ = direct_outputs(synth, teacher)
+    targets = x.mean((1, 2, 3))[[300, 170]]  # two samples past the first chunk, which is written fine
+
+    def is_bad(images):
+        return ((images.mean((1, 2, 3))[:, None] - targets).abs() < 1e-4).any(1)
+
+    expected = int(torch.nonzero(is_bad(x))[0])
+    assert expected >= 128
+
+    class Faulty(nn.Module):  # nan logits for the chosen samples
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return torch.where(is_bad(x)[:, None], torch.nan, self.model(x))
+
+    load = kdcache.dump.load_teacher
+    monkeypatch.setattr(kdcache.dump, "load_teacher",
+                        lambda *a, **k: (lambda m, ident: (Faulty(m), ident))(*load(*a, **k)))
+    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+                "--out", tmp_path / "s.zarr", *DUMP, expect=2)
+    assert f"outputs for sample {expected} are not finite" in r.output
