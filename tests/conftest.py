@@ -53,3 +53,21 @@ def synth(tmp_path_factory) -> Path:
 
 def manifest(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def teacher(synth, tmp_path_factory) -> Path:
+    """A resnet20 teacher trained briefly on `synth` (its run folder; model.pt inside)."""
+    out = tmp_path_factory.mktemp("teacher")
+    run_cli("train", "--data", synth / "train.beton", "--out", out, "--fraction", 1, "--alpha", 0,
+            "--epochs", 3, "--arch", "resnet20", "--batch-size", 32, "--workers", 1, "--lr", 0.05)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cache(synth, teacher, tmp_path_factory) -> Path:
+    """The teacher's logits and scores dumped from `synth`."""
+    out = tmp_path_factory.mktemp("cache") / "cache.zarr"
+    run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher / "model.pt", "--data",
+            synth / "train.beton", "--out", out, "--batch-size", 64, "--chunk-rows", 128, "--workers", 1)
+    return out

@@ -177,3 +177,94 @@ def test_bad_inputs(synth, tmp_path, args, message):
                 expect=2)
     assert message in r.output
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()  # refused before any training
+
+
+def test_cached_and_online_kd_agree_on_first_batch(synth, teacher, cache, tmp_path):
+    common = ["train", "--data", synth / "train.beton", "--fraction", 0.5, "--alpha", 0.7, "--steps", 1,
+              "--no-augment", "--eval-every", 100, *FAST]
+    run_cli(*common, "--cache", cache, "--out", tmp_path / "cached")
+    run_cli(*common, "--teacher-online", "resnet20", "--teacher-checkpoint", teacher / "model.pt",
+            "--out", tmp_path / "online")
+    cached, online = read_metrics(tmp_path / "cached")[0], read_metrics(tmp_path / "online")[0]
+    assert cached["train_kl"] > 0
+    for key in ("train_loss", "train_ce", "train_kl"):  # the cache holds float16 logits
+        assert cached[key] == pytest.approx(online[key], rel=2e-3), key
+    config = json.loads((tmp_path / "cached" / "config.json").read_text())
+    assert config["cache_fingerprint"] == config["train_fingerprint"]
+
+
+def test_kd_from_cache_trains_a_student(synth, cache, tmp_path):
+    out = tmp_path / "student"
+    run_cli("train", "--data", synth / "train.beton", "--cache", cache, "--fraction", 0.5, "--method",
+            "el2n", "--class-balanced", "--epochs", 4, "--out", out, *FAST)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["alpha"] == auto_alpha(0.5) and summary["num_selected"] == 200
+    assert summary["cache_bytes_per_sample"] == 4 * 2  # 4 classes of float16
+    assert all(row["train_kl"] > 0 for row in read_metrics(out))
+    selection = json.loads((out / "config.json").read_text())["selection"]
+    assert selection["method"] == "el2n" and selection["class_counts"] == [50, 50, 50, 50]
+    # `kdcache select` with the same options picks the very same subset
+    run_cli("select", "--store", cache, "--method", "el2n", "--fraction", 0.5, "--class-balanced",
+            "--out", tmp_path / "sel.npy")
+    assert np.array_equal(np.load(tmp_path / "sel.npy"), np.load(out / "indices.npy"))
+
+
+def test_cache_of_another_dataset_is_refused(cache, tmp_path):
+    run_cli("data", "synthetic", "--out", tmp_path / "other", "--num-train", 400, "--num-test", 200,
+            "--num-classes", 4, "--image-size", 16, "--seed", 1, "--workers", 1)
+    r = run_cli("train", "--data", tmp_path / "other" / "train.beton", "--cache", cache, "--out",
+                tmp_path / "x", *FAST, expect=2)
+    assert "was made from another dataset" in r.output
+    run_cli("data", "synthetic", "--out", tmp_path / "five", "--num-train", 400, "--num-test", 200,
+            "--num-classes", 5, "--image-size", 16, "--workers", 1)
+    r = run_cli("train", "--data", tmp_path / "five" / "train.beton", "--cache", cache, "--out",
+                tmp_path / "y", *FAST, expect=2)
+    assert "another dataset" in r.output or "classes" in r.output
+
+
+def torchrun(*args, timeout=600):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+SHARE_SCRIPT = """
+import sys, numpy as np, torch, torch.distributed as dist
+from kdcache.beton import dataset_info
+from kdcache.loader import Batches
+dist.init_process_group("gloo")
+chosen = np.arange(0, 400, 2)
+batches = Batches(dataset_info(sys.argv[1]), batch_size=16, train=True, indices=chosen, distributed=True,
+                  num_workers=1)
+epochs = [torch.cat([i for _, _, i in batches]).numpy() for _ in range(2)]
+np.save(f"{sys.argv[2]}/rank{dist.get_rank()}.npy", np.stack(epochs))
+"""
+
+
+def test_distributed_ranks_see_disjoint_shares(synth, tmp_path):
+    (tmp_path / "share.py").write_text(SHARE_SCRIPT)
+    torchrun(tmp_path / "share.py", synth / "train.beton", tmp_path)
+    r0, r1 = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
+    for epoch in range(2):
+        assert len(r0[epoch]) == len(r1[epoch]) == 100
+        assert not set(r0[epoch]) & set(r1[epoch])
+        assert sorted(np.concatenate([r0[epoch], r1[epoch]])) == list(range(0, 400, 2))
+    assert not np.array_equal(r0[0], r0[1])
+
+
+def test_two_process_ddp_run_records_dynamics(synth, tmp_path):
+    out = tmp_path / "ddp"
+    torchrun("-m", "kdcache_cli.main", "train", "--data", synth / "train.beton", "--out", out, "--fraction", 1,
+             "--alpha", 0, "--epochs", 5, "--record-dynamics", *FAST)
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 5 * 7  # 200 samples per rank at batch 32
+    assert summary["test_acc"] > 0.6
+    import zarr
+    root = zarr.open_group(str(out / "dynamics.zarr"), mode="r")
+    prob = root["dynamics/seed0/prob"][:]
+    assert prob.shape == (400, 5) and not np.isnan(prob).any()  # every sample seen every epoch
+    assert {"forgetting", "el2n_early", "aum", "dynunc"} <= set(root["scores"].array_keys())
