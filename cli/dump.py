@@ -71,7 +71,7 @@ def info(store, as_json):
     lines.append("arrays")
     width = max(len(k) for k in d["arrays"]) if d["arrays"] else 0
     for name, arr in d["arrays"].items():
-        lines.append(f"  {name:<{width}}  {str(tuple(arr['shape'])):<14} {arr['dtype']:<8} "
+        lines.append(f"  {name:<{width}}  {tuple(arr['shape'])!s:<14} {arr['dtype']:<8} "
                      f"chunks {tuple(arr['chunks'])}")
     if d["scores"]:
         lines.append(f"scores{'':<{max(width - 4, 8)}}{'min':>10} {'median':>10} {'max':>10}")

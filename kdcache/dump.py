@@ -75,7 +75,7 @@ def _is_local(url: str) -> bool:
 
 
 def _local_path(url: str) -> Path:
-    return Path(url[len("file://"):] if url.startswith("file://") else url)
+    return Path(url.removeprefix("file://"))
 
 
 def _existing(url: str):
@@ -91,10 +91,13 @@ def _existing(url: str):
         return zarr.open_group(store=url.removeprefix("file://"), mode="r")
     except FileNotFoundError:
         return None
+    except ImportError as e:
+        raise UserError(f"cannot open {url}: {e} (install fsspec and the filesystem's package, e.g. s3fs)")
 
 
 IDENTITY = ("fingerprint", "teacher", "checkpoint_sha256")
 LAYOUT = ("num_samples", "num_classes", "chunk_rows", "topk")
+NAMES = {"fingerprint": "dataset fingerprint", "checkpoint_sha256": "checkpoint SHA-256"}
 
 
 def prepare_store(url: str, attrs: dict, overwrite: bool) -> None:
@@ -106,7 +109,7 @@ def prepare_store(url: str, attrs: dict, overwrite: bool) -> None:
             raise UserError(f"{url} is not a teacher-logit cache; pass --overwrite to replace it")
         for key in IDENTITY + LAYOUT:
             if have.get(key) != attrs[key]:
-                what = {"fingerprint": "dataset fingerprint", "checkpoint_sha256": "checkpoint SHA-256"}.get(key, key.replace("_", " "))
+                what = NAMES.get(key, key.replace("_", " "))
                 raise UserError(f"store {url} has another {what} ({have.get(key)!r}, this dump: "
                                 f"{attrs[key]!r}); pass --overwrite to start over")
         group = open_store(url, "r+")
@@ -159,7 +162,7 @@ class _Writer(threading.Thread):
             if self.error is None:
                 try:
                     self.write(chunk)
-                except BaseException as e:  # re-raised in the main thread
+                except Exception as e:  # noqa: BLE001  (re-raised in the main thread)
                     self.error = e
 
     def write(self, chunk: dict) -> None:
@@ -262,11 +265,11 @@ def dump(*, teacher: str, data: str, out: str, checkpoint: str | None = None, pr
          workers: int = -1, overwrite: bool = False, progress: bool = True) -> dict:
     """Dump the teacher's logits and scores for every sample of the training beton `data` into the
     store at `out`, resuming a matching unfinished store. Returns the store's root attributes."""
+    import torch.distributed as dist
+
     from .beton import dataset_info
     from .loader import Batches
     from .models import last_linear
-
-    import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -14,8 +14,8 @@ TEACHER_SCORES = {
     "margin": (False, "true-class logit minus the largest other logit"),
     "entropy": (True, "entropy of the teacher's softmax"),
     "el2n": (True, "EL2N: ||softmax - onehot||_2 (Paul et al. 2021)"),
-    "grand": (True, "GraNd of the last layer: ||softmax - onehot||_2 * sqrt(||h||^2 + 1), h the "
-                    "penultimate features (+1 only with a bias)"),
+    "grand": (True, ("GraNd of the last layer: ||softmax - onehot||_2 * sqrt(||h||^2 + 1), h the "
+                     "penultimate features (+1 only with a bias)")),
 }
 
 

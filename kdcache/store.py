@@ -18,8 +18,7 @@ def open_store(url: str, mode: str = "r") -> zarr.Group:
     """Open a store by path or URL (`file://...`, or any fsspec URL such as `s3://...` when the
     filesystem package is installed)."""
     url = str(url)
-    if url.startswith("file://"):
-        url = url[len("file://"):]
+    url = url.removeprefix("file://")
     try:
         return zarr.open_group(store=url, mode=mode)
     except FileNotFoundError:  # zarr's GroupNotFoundError is one

@@ -3,11 +3,20 @@ import json
 import numpy as np
 import pytest
 import zarr
-
 from conftest import run_cli
+
 from kdcache.errors import UserError
-from kdcache.store import (LOGITS_KIND, LogitCache, describe_store, hardness, index_dtype, open_store,
-                           read_score, score_names, write_score)
+from kdcache.store import (
+    LOGITS_KIND,
+    LogitCache,
+    describe_store,
+    hardness,
+    index_dtype,
+    open_store,
+    read_score,
+    score_names,
+    write_score,
+)
 
 
 def hand_made_cache(path, *, n=10, c=6, k=None, chunk_rows=4, done=None, fingerprint="fp"):
