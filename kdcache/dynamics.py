@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from . import __version__
 from .errors import UserError
@@ -82,12 +83,23 @@ def dynamic_uncertainty(prob: np.ndarray, window: int = DYNUNC_WINDOW) -> np.nda
     over each window of `window` consecutive epochs, averaged over the E - window + 1 windows.
     `window` is clipped to E; unseen epochs (NaN) are left out of their windows."""
     prob = np.asarray(prob, dtype=np.float64)
-    window = min(window, prob.shape[1])
+    epochs = prob.shape[1]
+    window = min(window, epochs)
     if window < 2:
         return np.full(len(prob), np.nan, dtype=np.float32)
-    windows = np.lib.stride_tricks.sliding_window_view(prob, window, axis=1)  # (N, E-w+1, w)
+    # per-window count, sum and sum of squares from running sums (values are probabilities in [0, 1],
+    # so float64 loses nothing to cancellation)
+    seen = ~np.isnan(prob)
+    x = np.where(seen, prob, 0.0)
+    def window_sums(a):
+        c = np.concatenate([np.zeros((len(a), 1)), np.cumsum(a, axis=1)], axis=1)
+        return c[:, window:] - c[:, :-window]  # (N, E - window + 1)
+    n, s, q = window_sums(seen.astype(np.float64)), window_sums(x), window_sums(x * x)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        std = np.sqrt(np.maximum(q - s * s / n, 0) / (n - 1))
+    std[n < 2] = np.nan  # fewer than two seen epochs in the window: no spread to measure
     with _quiet():
-        return np.nanmean(np.nanstd(windows, axis=2, ddof=1), axis=1).astype(np.float32)
+        return np.nanmean(std, axis=1).astype(np.float32)
 
 
 def aum(margin: np.ndarray) -> np.ndarray:
@@ -141,8 +153,10 @@ class DynamicsRecorder:
         root = open_store(self.url, "a")
         if "fingerprint" not in root.attrs:
             manifest = {k: v for k, v in info.items() if k not in ("split", "path", "size", "split_fingerprint")}
-            root.attrs.update({"schema_version": SCHEMA_VERSION, "fingerprint": info["splits"]["train"]["fingerprint"],
-                               "manifest": manifest, "kdcache_version": __version__})
+            root.attrs.update({"kind": "dynamics", "schema_version": SCHEMA_VERSION,
+                               "fingerprint": info["splits"]["train"]["fingerprint"], "manifest": manifest,
+                               "num_samples": self.num_samples, "num_classes": int(info["num_classes"]),
+                               "kdcache_version": __version__})
         if "labels" not in root:  # lets `kdcache select --store` work without --data
             from .beton import beton_labels
             labels = beton_labels(info["path"])
@@ -227,34 +241,43 @@ SCORES = {
 }
 
 
-def read_runs(root) -> dict[str, dict[str, np.ndarray]]:
-    """Every run under dynamics/: {run: {array name: (N, E) array}}."""
+def _runs(root) -> dict:
+    """Every complete run under dynamics/: {run name: group}."""
     if "dynamics" not in root:
         return {}
-    return {name: {a: group[a][:] for a in ARRAYS} for name, group in sorted(root["dynamics"].groups())
-            if all(a in group for a in ARRAYS)}
+    return {name: group for name, group in sorted(root["dynamics"].groups()) if all(a in group for a in ARRAYS)}
 
 
-def write_dynamics_scores(root, *, early_fraction: float = 0.2, window: int = DYNUNC_WINDOW) -> list[str]:
-    """Compute forgetting, el2n_early, dynunc and aum from all recorded runs; write them; return names."""
-    runs = read_runs(root)
+def write_dynamics_scores(root, *, early_fraction: float = 0.2, window: int = DYNUNC_WINDOW,
+                          block_rows: int = 65536) -> list[str]:
+    """Compute forgetting, el2n_early, dynunc and aum from all recorded runs (mean over runs); write
+    them to scores/; return the names written. Works through row blocks to bound memory."""
+    runs = _runs(root)
     if not runs:
         return []
-    per_run = {name: [] for name in SCORES}
-    for arrays in runs.values():
-        epochs = arrays["prob"].shape[1]
-        correct = np.where(arrays["correct"] < 0, np.nan, arrays["correct"].astype(np.float32))
-        per_run["forgetting"].append(forgetting_events(correct))
-        per_run["el2n_early"].append(el2n_early([arrays["el2n"]], early_epoch(epochs, early_fraction)))
-        per_run["dynunc"].append(dynamic_uncertainty(arrays["prob"], window))
-        per_run["aum"].append(aum(arrays["margin"]))
+    n = next(iter(runs.values()))["prob"].shape[0]
+    sums = {name: np.zeros(n) for name in SCORES}
+    counts = {name: np.zeros(n) for name in SCORES}
+    blocks = [(run, start) for run in runs for start in range(0, n, block_rows)]
+    for run, start in tqdm(blocks, desc="dynamics scores", leave=False, disable=len(blocks) < 8):
+        group, rows = runs[run], slice(start, start + block_rows)
+        prob, margin, el2n = group["prob"][rows], group["margin"][rows], group["el2n"][rows]
+        correct = group["correct"][rows]
+        epochs = prob.shape[1]
+        values = {"forgetting": forgetting_events(correct),
+                  "el2n_early": el2n_early([el2n], early_epoch(epochs, early_fraction)),
+                  "dynunc": dynamic_uncertainty(prob, window),
+                  "aum": aum(margin)}
+        for name, v in values.items():
+            ok = ~np.isnan(v)
+            sums[name][rows][ok] += v[ok]
+            counts[name][rows][ok] += 1
     written = []
-    for name, values in per_run.items():
-        with _quiet():
-            score = np.nanmean(np.stack(values), axis=0)
-        if np.isnan(score).all():  # e.g. dynamic uncertainty of a one-epoch run
+    for name, (higher_is_harder, description) in SCORES.items():
+        if not counts[name].any():  # e.g. dynamic uncertainty of one-epoch runs
             continue
-        higher_is_harder, description = SCORES[name]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            score = np.where(counts[name] > 0, sums[name] / counts[name], np.nan)
         write_score(root, name, score, higher_is_harder=higher_is_harder, description=description)
         written.append(name)
     return written

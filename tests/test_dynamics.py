@@ -1,5 +1,6 @@
 import os
 import socket
+import warnings
 
 import numpy as np
 import pytest
@@ -55,6 +56,17 @@ def test_dynamic_uncertainty_hand_computed():
     # the default window (10) is clipped to the 4 epochs: a single window
     np.testing.assert_allclose(dynamic_uncertainty(prob)[0], np.std(prob[0], ddof=1), rtol=1e-5)
     assert np.isnan(dynamic_uncertainty(prob[:, :1])).all()  # one epoch: undefined
+
+
+def test_dynamic_uncertainty_matches_direct_windows_with_gaps():
+    rng = np.random.default_rng(0)
+    prob = rng.random((300, 25))
+    prob[rng.random(prob.shape) < 0.2] = nan
+    windows = np.lib.stride_tricks.sliding_window_view(prob, 10, axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # windows with fewer than two values
+        want = np.nanmean(np.nanstd(windows, axis=2, ddof=1), axis=1)
+    np.testing.assert_allclose(dynamic_uncertainty(prob, 10), want, rtol=1e-5)
 
 
 def test_aum_is_mean_margin_over_seen_epochs():
@@ -211,3 +223,26 @@ def test_recorder_all_reduces_across_ranks(info, tmp_path):
     torch.multiprocessing.spawn(_distributed_worker, args=(2, _free_port(), url, info, logits, labels), nprocs=2)
     got = open_store(url, "r")["dynamics/seed0/el2n"][:, 0]
     np.testing.assert_allclose(got, reference(logits, labels)["el2n"], rtol=1e-5)
+
+
+def test_recorded_training_run_has_one_row_per_sample_and_one_column_per_epoch(synth, tmp_path):
+    from conftest import run_cli
+    out = tmp_path / "teacher"
+    run_cli("train", "--data", synth / "train.beton", "--out", out, "--fraction", 1, "--alpha", 0, "--epochs", 2,
+            "--arch", "resnet20", "--batch-size", 64, "--workers", 1, "--record-dynamics")
+    root = open_store(str(out / "dynamics.zarr"), "r")
+    group = root["dynamics/seed0"]
+    for name in ("prob", "correct", "el2n", "margin"):
+        assert group[name].shape == (400, 2)
+    assert group.attrs["epochs_written"] == [0, 1]
+    prob, correct = group["prob"][:], group["correct"][:]
+    seen = ~np.isnan(prob)
+    assert seen[:, 0].sum() >= 400 - 63  # at most one dropped partial batch per epoch
+    assert ((prob[seen] >= 0) & (prob[seen] <= 1)).all() and set(np.unique(correct[seen])) <= {0, 1}
+    np.testing.assert_array_equal(correct == -1, ~seen)
+    assert {"forgetting", "el2n_early", "dynunc", "aum"} <= set(name for name, _ in root["scores"].arrays())
+    np.testing.assert_array_equal(read_score(root, "forgetting"), forgetting_events(correct))
+    # the store is enough to select from: it carries the labels and the fingerprint
+    r = run_cli("select", "--store", out / "dynamics.zarr", "--method", "forgetting", "--fraction", 0.5,
+                "--data", synth / "train.beton", "--out", tmp_path / "sel.npy")
+    assert "selected 200 of 400" in r.output and len(np.load(tmp_path / "sel.npy")) == 200
