@@ -1,10 +1,38 @@
-"""`kdcache select` (placeholder until its issue lands)."""
+"""`kdcache select`: a pruned subset of the training set, as sample indices."""
 import click
 
-from kdcache.errors import UserError
+from kdcache.selection import METHODS_HELP
+
+SHOW = {"show_default": True}
 
 
 @click.command()
-def select():
-    """Not implemented yet."""
-    raise UserError("kdcache select is not implemented yet")
+@click.option("--store", default=None, help="Store with scores (path or URL): a logit cache or a dynamics store.")
+@click.option("--method", required=True, help=f"Selection method: {METHODS_HELP}.")
+@click.option("--fraction", type=float, required=True, help="Fraction of training samples kept, in (0, 1].")
+@click.option("--keep", type=click.Choice(["hard", "easy"]), default="hard", **SHOW,
+              help="Which end of the score to keep (score methods).")
+@click.option("--class-balanced", is_flag=True, default=False, **SHOW,
+              help="Keep the same fraction of every class.")
+@click.option("--seed", default=0, **SHOW, help="Seed for random choices and tie-breaking.")
+@click.option("--data", type=click.Path(), default=None,
+              help="Training .beton: labels and a check that the store belongs to it "
+                   "[default: the store's labels, unchecked].")
+@click.option("--ccs-beta", default=0.1, **SHOW, help="ccs: fraction of hardest samples dropped first.")
+@click.option("--ccs-strata", default=50, **SHOW, help="ccs: number of equal-width score strata.")
+@click.option("--ccs-score", default="el2n", **SHOW, help="ccs: the score that defines the strata.")
+@click.option("--out", type=click.Path(), required=True, help="Output .npy of sorted indices (+ .json sidecar).")
+def select(store, method, fraction, keep, class_balanced, seed, data, ccs_beta, ccs_strata, ccs_score, out):
+    """Select a subset of the training set: write its sorted sample indices and a JSON sidecar."""
+    from kdcache.beton import dataset_info
+    from kdcache.selection import choose_subset, save_selection, sidecar_path
+
+    info = dataset_info(data) if data else None
+    indices, sidecar = choose_subset(info, method, fraction, store=store, keep=keep,
+                                     class_balanced=class_balanced, seed=seed, ccs_beta=ccs_beta,
+                                     ccs_strata=ccs_strata, ccs_score=ccs_score)
+    save_selection(out, indices, sidecar)
+    what = method if method in ("random", "ccs") else f"{method}, keep {keep}"
+    click.echo(f"selected {sidecar['num_selected']} of {sidecar['num_samples']} samples ({what}"
+               f"{', class-balanced' if class_balanced else ''}); per class {sidecar['class_counts']} "
+               f"-> {out} (+ {sidecar_path(out).name})")

@@ -1,0 +1,218 @@
+"""Choose a training subset: random, by a difficulty score (keep the hardest or the easiest), or by
+coverage-centric selection (CCS, Zheng et al. 2023). Output: sorted sample indices plus a JSON sidecar."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+METHODS_HELP = "random, ccs, or any score in the store (e.g. el2n, forgetting)"
+
+
+def budget(fraction: float, n: int) -> int:
+    """round(fraction * n) (Python's round, half to even), at least 1."""
+    return max(1, round(fraction * n))
+
+
+def _check_fraction(fraction: float) -> None:
+    if not 0 < fraction <= 1:
+        raise UserError(f"--fraction must be in (0, 1], got {fraction}")
+
+
+def class_budgets(labels: np.ndarray, fraction: float, total: int) -> np.ndarray:
+    """Per-class counts: round(fraction * n_c) each, then nudged one at a time until they sum to
+    `total`; the class furthest below (above) its exact share gains (loses) first, ties to the lower
+    class index, and no class goes below 0 or above n_c."""
+    counts = np.bincount(labels)
+    exact = fraction * counts
+    out = np.minimum(np.round(exact).astype(np.int64), counts)
+    classes = np.arange(len(counts))
+    while (diff := total - out.sum()) != 0:
+        step = 1 if diff > 0 else -1
+        room = out < counts if step > 0 else out > 0
+        # under-served first when adding, over-served first when removing
+        order = np.lexsort((classes, -step * (exact - out)))
+        for c in order[room[order]][:abs(diff)]:
+            out[c] += step
+    return out
+
+
+def _top(hardness: np.ndarray, n: int, keep: str, rng: np.random.Generator) -> np.ndarray:
+    # ties are frequent (forgetting counts): break them by a seeded permutation, not by index order,
+    # which would favour whatever the dataset stores first
+    tiebreak = rng.permutation(len(hardness))
+    key = -hardness if keep == "hard" else hardness
+    return np.lexsort((tiebreak, key))[:n]
+
+
+def ccs_allocate(strata_sizes: np.ndarray, n: int) -> np.ndarray:
+    """Share `n` over strata evenly, smallest stratum first; a stratum smaller than its share gives
+    the rest to the larger ones (CCS's bin allocation). Sums to n whenever n <= strata_sizes.sum()."""
+    sizes = np.asarray(strata_sizes, dtype=np.int64)
+    out = np.zeros_like(sizes)
+    order = np.argsort(sizes, kind="stable")
+    nonempty = [s for s in order if sizes[s] > 0]
+    left = n
+    for i, s in enumerate(nonempty):
+        out[s] = min(sizes[s], left // (len(nonempty) - i))
+        left -= out[s]
+    return out
+
+
+def ccs(hardness: np.ndarray, n: int, rng: np.random.Generator, *, beta: float = 0.1,
+        strata: int = 50) -> np.ndarray:
+    """Coverage-centric selection: drop the hardest `beta` fraction (fewer if the rest could not
+    fill the budget), cut the remaining score range into `strata` equal-width strata, allocate the
+    budget with `ccs_allocate` and sample uniformly inside each stratum. Returns positions."""
+    order = _top(hardness, len(hardness), "hard", rng)  # hardest first
+    drop = min(int(round(beta * len(hardness))), len(hardness) - n)
+    pool = order[drop:]
+    h = hardness[pool].astype(np.float64)
+    lo, hi = h.min(), h.max()
+    width = (hi - lo) / strata
+    which = np.zeros(len(pool), dtype=np.int64) if width == 0 else \
+        np.minimum(((h - lo) / width).astype(np.int64), strata - 1)
+    take = ccs_allocate(np.bincount(which, minlength=strata), n)
+    chosen = [rng.choice(pool[which == s], take[s], replace=False) for s in range(strata) if take[s]]
+    return np.concatenate(chosen)
+
+
+def select(method: str, fraction: float, labels: np.ndarray, *, hardness: np.ndarray | None = None,
+           keep: str = "hard", class_balanced: bool = False, seed: int = 0,
+           ccs_beta: float = 0.1, ccs_strata: int = 50) -> np.ndarray:
+    """Sorted unique int64 sample indices, exactly round(fraction * N) of them (at least 1).
+
+    `method` is "random", "ccs", or the name of a score whose values (oriented higher = harder) are
+    in `hardness`; `keep` picks the hard or easy end for a score (CCS and random ignore it). With
+    `class_balanced`, each class contributes its share (see `class_budgets`). Deterministic for a seed."""
+    labels = np.asarray(labels, dtype=np.int64)
+    n_total = len(labels)
+    _check_fraction(fraction)
+    if n_total == 0:
+        raise UserError("cannot select from an empty dataset")
+    if keep not in ("hard", "easy"):
+        raise UserError(f"--keep must be hard or easy, got {keep!r}")
+    if not 0 <= ccs_beta < 1:
+        raise UserError(f"--ccs-beta must be in [0, 1), got {ccs_beta}")
+    if ccs_strata < 1:
+        raise UserError(f"--ccs-strata must be at least 1, got {ccs_strata}")
+    if method != "random":
+        if hardness is None:
+            raise UserError(f"method {method!r} needs a score")
+        hardness = np.asarray(hardness, dtype=np.float64)
+        if hardness.shape != labels.shape:
+            raise UserError(f"score {method!r} has {len(hardness)} values, the dataset {n_total} samples")
+        bad = np.flatnonzero(~np.isfinite(hardness))
+        if len(bad):
+            raise UserError(f"score {method!r} is missing (NaN) for {len(bad)} samples, e.g. index "
+                            f"{bad[0]}: compute it on the full training set")
+
+    rng = np.random.default_rng(seed)
+    total = budget(fraction, n_total)
+
+    def pick(positions: np.ndarray, n: int) -> np.ndarray:
+        if method == "random":
+            return rng.choice(positions, n, replace=False)
+        if method == "ccs":
+            return positions[ccs(hardness[positions], n, rng, beta=ccs_beta, strata=ccs_strata)]
+        return positions[_top(hardness[positions], n, keep, rng)]
+
+    if class_balanced:
+        per_class = class_budgets(labels, fraction, total)
+        parts = [pick(np.flatnonzero(labels == c), k) for c, k in enumerate(per_class) if k]
+        chosen = np.concatenate(parts)
+    else:
+        chosen = pick(np.arange(n_total), total)
+    chosen = np.sort(chosen).astype(np.int64)
+    assert len(chosen) == total and len(np.unique(chosen)) == total
+    return chosen
+
+
+def _store_labels(group, n: int | None) -> np.ndarray | None:
+    if "labels" not in group:
+        return None
+    labels = group["labels"][:]
+    return labels.astype(np.int64) if n is None or len(labels) == n else None
+
+
+def choose_subset(info: dict | None, method: str, fraction: float, *, store: str | None = None,
+                  keep: str = "hard", class_balanced: bool = False, seed: int = 0,
+                  ccs_beta: float = 0.1, ccs_strata: int = 50, ccs_score: str = "el2n") -> tuple[np.ndarray, dict]:
+    """Validate the request, load labels and the score, and select. `info` is
+    `dataset_info(train beton)`; it may be None when the store holds a `labels` array (then the
+    dataset check is skipped). Returns (indices, sidecar) for `save_selection`."""
+    from .store import check_dataset, hardness as read_hardness, open_store, read_score
+
+    _check_fraction(fraction)
+    if keep not in ("hard", "easy"):
+        raise UserError(f"--keep must be hard or easy, got {keep!r}")
+    if not method:
+        raise UserError(f"no selection method given: {METHODS_HELP}")
+    if info is not None and info.get("split") not in (None, "train"):
+        raise UserError(f"{info['path']} is the {info['split']} split; select from the training beton")
+    score = None if method == "random" else ccs_score if method == "ccs" else method
+    if store is None and (score is not None or info is None):
+        need = f"--method {method}" if score is not None else "without --data, selection"
+        raise UserError(f"{need} needs a --store holding scores ({METHODS_HELP})")
+
+    group = values = None
+    if store is not None:
+        group = open_store(store, "r")
+        if info is not None:
+            check_dataset(group, info)
+        if score is not None:
+            read_score(group, score)  # a missing score: one line listing the ones the store has
+            values = read_hardness(group, score)
+
+    if info is not None:
+        from .beton import beton_labels
+        labels = beton_labels(info["path"])
+        num_classes = int(info["num_classes"])
+    else:
+        labels = _store_labels(group, None)
+        if labels is None:
+            raise UserError(f"store {store} has no labels array: pass the training beton with --data")
+        manifest = group.attrs.get("manifest") or {}
+        num_classes = int(group.attrs.get("num_classes") or manifest.get("num_classes") or labels.max() + 1)
+
+    indices = select(method, fraction, labels, hardness=values, keep=keep, class_balanced=class_balanced,
+                     seed=seed, ccs_beta=ccs_beta, ccs_strata=ccs_strata)
+    sidecar = {
+        "method": method,
+        "fraction": fraction,
+        "keep": keep,
+        "class_balanced": class_balanced,
+        "seed": seed,
+        "score_source": None if score is None else {"store": str(store), "score": score},
+        "num_selected": int(len(indices)),
+        "num_samples": int(len(labels)),
+        "class_counts": np.bincount(labels[indices], minlength=num_classes).tolist(),
+    }
+    if method == "ccs":
+        sidecar.update({"ccs_beta": ccs_beta, "ccs_strata": ccs_strata})
+    if info is not None:
+        sidecar["dataset_fingerprint"] = info["splits"]["train"]["fingerprint"]
+    return indices, sidecar
+
+
+def sidecar_path(path: str | Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def save_selection(path: str | Path, indices: np.ndarray, sidecar: dict) -> None:
+    """Write the indices as .npy and the sidecar as JSON beside it (same stem), each via a temporary
+    name and a rename, so neither is ever seen half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:  # a file object: np.save would otherwise append .npy to the name
+        np.save(f, np.asarray(indices, dtype=np.int64))
+    os.replace(tmp, path)
+    meta = sidecar_path(path)
+    tmp = meta.with_name(meta.name + ".tmp")
+    tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
+    os.replace(tmp, meta)
