@@ -231,13 +231,13 @@ class DynamicsRecorder:
 
 # name -> (higher_is_harder, description)
 SCORES = {
-    "forgetting": (True, "forgetting events over training epochs, mean over runs (Toneva et al. 2019); "
-                         "never-learned samples get epochs + 1"),
+    "forgetting": (True, ("forgetting events over training epochs, mean over runs (Toneva et al. 2019); "
+                         "never-learned samples get epochs + 1")),
     "el2n_early": (True, "EL2N early in training, mean over runs (Paul et al. 2021)"),
-    "dynunc": (True, f"dynamic uncertainty: std of the true-class probability over {DYNUNC_WINDOW}-epoch "
-                     "windows, mean over windows and runs (He et al. 2023)"),
-    "aum": (False, "area under the margin: true-class logit margin averaged over epochs and runs "
-                   "(Pleiss et al. 2020)"),
+    "dynunc": (True, (f"dynamic uncertainty: std of the true-class probability over {DYNUNC_WINDOW}-epoch "
+                     "windows, mean over windows and runs (He et al. 2023)")),
+    "aum": (False, ("area under the margin: true-class logit margin averaged over epochs and runs "
+                   "(Pleiss et al. 2020)")),
 }
 
 

@@ -18,9 +18,15 @@ def budget(fraction: float, n: int) -> int:
     return max(1, round(fraction * n))
 
 
-def _check_fraction(fraction: float) -> None:
+def _check_options(fraction: float, keep: str, ccs_beta: float, ccs_strata: int) -> None:
     if not 0 < fraction <= 1:
         raise UserError(f"--fraction must be in (0, 1], got {fraction}")
+    if keep not in ("hard", "easy"):
+        raise UserError(f"--keep must be hard or easy, got {keep!r}")
+    if not 0 <= ccs_beta < 1:
+        raise UserError(f"--ccs-beta must be in [0, 1), got {ccs_beta}")
+    if ccs_strata < 1:
+        raise UserError(f"--ccs-strata must be at least 1, got {ccs_strata}")
 
 
 def class_budgets(labels: np.ndarray, fraction: float, total: int) -> np.ndarray:
@@ -69,7 +75,7 @@ def ccs(hardness: np.ndarray, n: int, rng: np.random.Generator, *, beta: float =
     fill the budget), cut the remaining score range into `strata` equal-width strata, allocate the
     budget with `ccs_allocate` and sample uniformly inside each stratum. Returns positions."""
     order = _top(hardness, len(hardness), "hard", rng)  # hardest first
-    drop = min(int(round(beta * len(hardness))), len(hardness) - n)
+    drop = min(round(beta * len(hardness)), len(hardness) - n)
     pool = order[drop:]
     h = hardness[pool].astype(np.float64)
     lo, hi = h.min(), h.max()
@@ -91,15 +97,9 @@ def select(method: str, fraction: float, labels: np.ndarray, *, hardness: np.nda
     `class_balanced`, each class contributes its share (see `class_budgets`). Deterministic for a seed."""
     labels = np.asarray(labels, dtype=np.int64)
     n_total = len(labels)
-    _check_fraction(fraction)
+    _check_options(fraction, keep, ccs_beta, ccs_strata)
     if n_total == 0:
         raise UserError("cannot select from an empty dataset")
-    if keep not in ("hard", "easy"):
-        raise UserError(f"--keep must be hard or easy, got {keep!r}")
-    if not 0 <= ccs_beta < 1:
-        raise UserError(f"--ccs-beta must be in [0, 1), got {ccs_beta}")
-    if ccs_strata < 1:
-        raise UserError(f"--ccs-strata must be at least 1, got {ccs_strata}")
     if method != "random":
         if hardness is None:
             raise UserError(f"method {method!r} needs a score")
@@ -145,11 +145,10 @@ def choose_subset(info: dict | None, method: str, fraction: float, *, store: str
     """Validate the request, load labels and the score, and select. `info` is
     `dataset_info(train beton)`; it may be None when the store holds a `labels` array (then the
     dataset check is skipped). Returns (indices, sidecar) for `save_selection`."""
-    from .store import check_dataset, hardness as read_hardness, open_store, read_score
+    from .store import check_dataset, open_store, read_score
+    from .store import hardness as read_hardness
 
-    _check_fraction(fraction)
-    if keep not in ("hard", "easy"):
-        raise UserError(f"--keep must be hard or easy, got {keep!r}")
+    _check_options(fraction, keep, ccs_beta, ccs_strata)
     if not method:
         raise UserError(f"no selection method given: {METHODS_HELP}")
     if info is not None and info.get("split") not in (None, "train"):
@@ -188,8 +187,8 @@ def choose_subset(info: dict | None, method: str, fraction: float, *, store: str
         "class_balanced": class_balanced,
         "seed": seed,
         "score_source": None if score is None else {"store": str(store), "score": score},
-        "num_selected": int(len(indices)),
-        "num_samples": int(len(labels)),
+        "num_selected": len(indices),
+        "num_samples": len(labels),
         "class_counts": np.bincount(labels[indices], minlength=num_classes).tolist(),
     }
     if method == "ccs":

@@ -8,8 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.beton import beton_labels, dataset_info
-from kdcache.dynamics import (DynamicsRecorder, aum, dynamic_uncertainty, early_epoch, el2n_early,
-                              forgetting_events)
+from kdcache.dynamics import (
+    DynamicsRecorder,
+    aum,
+    dynamic_uncertainty,
+    early_epoch,
+    el2n_early,
+    forgetting_events,
+)
 from kdcache.errors import UserError
 from kdcache.store import hardness, open_store, read_score, write_score
 
@@ -240,7 +246,7 @@ def test_recorded_training_run_has_one_row_per_sample_and_one_column_per_epoch(s
     assert seen[:, 0].sum() >= 400 - 63  # at most one dropped partial batch per epoch
     assert ((prob[seen] >= 0) & (prob[seen] <= 1)).all() and set(np.unique(correct[seen])) <= {0, 1}
     np.testing.assert_array_equal(correct == -1, ~seen)
-    assert {"forgetting", "el2n_early", "dynunc", "aum"} <= set(name for name, _ in root["scores"].arrays())
+    assert {"forgetting", "el2n_early", "dynunc", "aum"} <= {name for name, _ in root["scores"].arrays()}
     np.testing.assert_array_equal(read_score(root, "forgetting"), forgetting_events(correct))
     # the store is enough to select from: it carries the labels and the fingerprint
     r = run_cli("select", "--store", out / "dynamics.zarr", "--method", "forgetting", "--fraction", 0.5,

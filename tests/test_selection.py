@@ -2,11 +2,18 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import manifest, run_cli
+
 from kdcache.beton import beton_labels, dataset_info
 from kdcache.errors import UserError
-from kdcache.selection import ccs, ccs_allocate, choose_subset, class_budgets, save_selection, select
+from kdcache.selection import (
+    ccs,
+    ccs_allocate,
+    choose_subset,
+    class_budgets,
+    save_selection,
+    select,
+)
 from kdcache.store import open_store, write_score
 
 
@@ -205,4 +212,6 @@ def test_select_cli_bad_input_is_one_line_exit_2(synth, store, tmp_path):
     r = run_cli("select", "--store", store, "--method", "el2n", "--fraction", 0.5, "--data",
                 synth / "test.beton", *out, expect=2)
     assert "test split" in r.output
+    r = run_cli("select", "--store", store, "--method", "ccs", "--ccs-beta", 1, "--fraction", 0.5, *out, expect=2)
+    assert "--ccs-beta must be in [0, 1)" in r.output
     assert not (tmp_path / "x.npy").exists()
