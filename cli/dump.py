@@ -20,7 +20,7 @@ SHOW = {"show_default": True}
               help="Store only the K most probable classes' log-probabilities (0: all logits).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", **SHOW,
               help="auto: CUDA if available.")
-@click.option("--workers", default=-1, **SHOW, help="Loader processes (-1: all cores).")
+@click.option("--workers", default=-1, **SHOW, help="FFCV loader threads (-1: all cores).")
 @click.option("--overwrite", is_flag=True, default=False, **SHOW,
               help="Start over when --out holds another dump's store.")
 def dump(teacher, checkpoint, pretrained, data, out, batch_size, chunk_rows, topk, device, workers, overwrite):

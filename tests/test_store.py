@@ -84,6 +84,11 @@ def test_incomplete_store_is_refused_with_missing_count(tmp_path):
     hand_made_cache(tmp_path / "s.zarr", n=10, chunk_rows=4, done=[1, 0, 0])
     with pytest.raises(UserError, match="incomplete: 2 of 3 chunks missing"):
         LogitCache(str(tmp_path / "s.zarr"))
+    g = open_store(str(tmp_path / "s.zarr"), "r+")
+    write_score(g, "loss", np.zeros(10))
+    with pytest.raises(UserError, match="incomplete: 2 of 3 chunks missing"):
+        read_score(g, "loss")  # selection must not rank unwritten rows
+    assert describe_store(str(tmp_path / "s.zarr"))["scores"]["loss"]["max"] == 0.0  # info still works
 
 
 def test_other_dataset_and_non_cache_are_refused(tmp_path):
