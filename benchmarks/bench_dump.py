@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import time
@@ -21,44 +20,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from common import RESULTS, default_data, machine
 
-from kdcache.beton import convert, dataset_info, image_size
+from kdcache.beton import dataset_info, image_size
 from kdcache.dump import dump, resolve_device
 from kdcache.loader import Batches
 from kdcache.models import build_model, save_checkpoint
-from kdcache.sources import load_source, make_synthetic
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10"
-
-
-def default_data(kind: str | None, synthetic_size: int) -> Path:
-    """A train beton: the one given, else CIFAR-10 converted once from ../shared, else synthetic."""
-    if kind and kind != "synthetic":
-        return Path(kind)
-    if kind is None and CIFAR10.is_dir():
-        out = RESULTS / "data" / "cifar10"
-        if not (out / "manifest.json").exists():
-            print(f"converting CIFAR-10 from {CIFAR10} into {out} (once)")
-            convert(load_source("cifar10", str(CIFAR10)), out)
-        return out / "train.beton"
-    out = RESULTS / "data" / f"synthetic-{synthetic_size}"
-    if not (out / "manifest.json").exists():
-        convert(make_synthetic(num_train=synthetic_size, num_test=100, num_classes=10, image_size=32), out)
-    return out / "train.beton"
-
-
-def machine(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def bare_inference(model, info: dict, dev: torch.device, batch_size: int, workers: int) -> float:

@@ -42,7 +42,8 @@ def train(**options):
     """Train a student on a pruned subset with knowledge distillation from a cached teacher.
 
     With --fraction 1 --alpha 0 and no cache, this trains the teacher on the full data."""
-    from kdcache.train import TrainConfig, train as run
+    from kdcache.train import TrainConfig
+    from kdcache.train import train as run
 
     summary = run(TrainConfig(**options))
     if summary:

@@ -1,7 +1,7 @@
 """FFCV loaders over a beton: batches of (normalised images, labels, sample indices) on a device."""
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -9,8 +9,7 @@ import torch
 
 def _pipelines(info: dict, augment: bool, size: int, small: bool) -> dict:
     from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import (CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder,
-                                       SimpleRGBImageDecoder)
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
     from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, ToTensor, ToTorchImage
 
     if small:

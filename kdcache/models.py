@@ -89,6 +89,7 @@ def build_model(name: str, num_classes: int, image_size: int, pretrained: bool =
 
 def _pretrained(name: str, num_classes: int) -> nn.Module:
     import socket
+
     import torchvision
     weights = torchvision.models.get_model_weights(name).DEFAULT
     n = len(weights.meta.get("categories") or [])

@@ -4,9 +4,9 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import SHARED_CIFAR10, manifest, read_beton, run_cli, run_console
 from PIL import Image
 
-from conftest import SHARED_CIFAR10, manifest, read_beton, run_cli, run_console
 from kdcache.sources import make_synthetic
 
 
@@ -98,9 +98,9 @@ def test_cifar100_round_trip(tmp_path):
     assert manifest(tmp_path / "out")["num_classes"] == 100
 
 
-def make_image_folder(root, rng, counts={"cat": 3, "dog": 4}):
+def make_image_folder(root, rng, counts=(("cat", 3), ("dog", 4))):
     for split in ("train", "val"):
-        for name, n in counts.items():
+        for name, n in counts:
             (root / split / name).mkdir(parents=True, exist_ok=True)
             for k in range(n):
                 Image.fromarray(rng.integers(0, 256, size=(40 + k, 50, 3), dtype=np.uint8)).save(

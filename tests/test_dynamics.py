@@ -89,7 +89,8 @@ def reference(logits, labels):
     onehot = F.one_hot(labels, logits.shape[1]).float()
     others = logits.masked_fill(onehot.bool(), float("-inf")).max(1).values
     return {"prob": p_true.numpy(), "correct": (logits.argmax(1) == labels).numpy().astype(np.int8),
-            "el2n": (p - onehot).norm(dim=1).numpy(), "margin": (logits[torch.arange(len(labels)), labels] - others).numpy()}
+            "el2n": (p - onehot).norm(dim=1).numpy(),
+            "margin": (logits[torch.arange(len(labels)), labels] - others).numpy()}
 
 
 def feed(rec, logits, labels, order, batch=64):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import run_cli
+
 from kdcache.distill import auto_alpha, kd_loss
 
 FAST = ["--arch", "resnet20", "--batch-size", 32, "--workers", 1, "--lr", 0.05]
