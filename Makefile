@@ -7,7 +7,7 @@ APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint bench bench-loader bench-dump bench-train clean
+.PHONY: install test demo lint bench bench-dump bench-train clean
 
 install: $(STAMP)
 
@@ -26,7 +26,17 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install
-	$(PY) -m kdcache.demo --out runs/demo
+	$(PY) -m kdcache.demo --out runs/demo $(DEMO_ARGS)
+
+bench-dump: install
+	$(PY) benchmarks/bench_dump.py $(BENCH_ARGS)
+
+bench-train: install
+	$(PY) benchmarks/bench_train.py $(BENCH_ARGS)
+
+# Each benchmark prints its own table and writes benchmarks/results/<name>.json.
+bench: bench-dump bench-train
+	@$(PY) benchmarks/summary.py
 
 lint: install
 	@$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install -q ruff

@@ -1,0 +1,26 @@
+"""One table of every benchmark result in benchmarks/results/ (what `make bench` ends with)."""
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+rows = []
+for path in sorted(RESULTS.glob("bench_*.json")):
+    r = json.loads(path.read_text())
+    if r["benchmark"] == "dump":
+        rows.append(("dump / bare teacher inference", f"{r['ratio']:.3f}", ">= 0.95",
+                     f"{r['dump_samples_per_s']:.0f} vs {r['bare_samples_per_s']:.0f} samples/s, {r['teacher']}"))
+    elif r["benchmark"] == "train":
+        ips = r["images_per_sec"]
+        rows.append(("cached KD / CE only", f"{r['cached_over_ce']:.3f}", ">= 0.97",
+                     f"{ips['cached_kd']:.0f} vs {ips['ce']:.0f} img/s, {r['student']}"))
+        for key in ("vs_online_big", "vs_online_small"):
+            o = r[key]
+            rows.append((f"cached / online KD ({o['teacher']})", f"{o['cached_over_online']:.2f}x",
+                         f"saves >= {o['teacher_share']:.0%}", f"saves {o['saving']:.0%}"))
+    machine = r["machine"]
+if not rows:
+    raise SystemExit("no results yet: run make bench-dump / make bench-train")
+print(f"\n{'measure':34s} {'value':>8s}  {'target':16s} detail   ({machine})")
+for name, value, target, detail in rows:
+    print(f"{name:34s} {value:>8s}  {target:16s} {detail}")

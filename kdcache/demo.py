@@ -1,0 +1,203 @@
+"""`make demo`: the whole pipeline through the public `kdcache` commands, ending in a result table.
+
+Stages: data -> teacher (full data, no KD) -> dump (+ info) -> select -> three students on the same
+kept fraction: random without a teacher, random with the cached teacher, score-selected with the
+cached teacher. Every stage's output is complete or absent, so a rerun redoes only what is missing.
+
+    python -m kdcache.demo --out runs/demo                       # Fashion-MNIST (the default)
+    python -m kdcache.demo --out runs/c10 --source cifar10 --src ../shared/datasets/cifar10
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from pathlib import Path
+
+
+def kdcache(*args) -> None:
+    """Run one `kdcache` command in this process, as a user would type it."""
+    from kdcache_cli.main import cli
+
+    args = [str(a) for a in args]
+    print(f"\n$ kdcache {shlex.join(args)}", flush=True)
+    try:
+        cli.main(args=args, prog_name="kdcache", standalone_mode=False)
+    except SystemExit as e:
+        if e.code:
+            raise SystemExit(f"demo stopped: `kdcache {args[0]}` failed (exit {e.code})")
+
+
+def finished_store(path: Path) -> bool:
+    if not path.exists():
+        return False
+    from kdcache.errors import UserError
+    from kdcache.store import LogitCache
+    try:
+        LogitCache(str(path))
+        return True
+    except UserError:
+        return False
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def plot(path: Path, students: dict[str, Path], teacher_acc: float, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for label, run in students.items():
+        rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["test_acc"] is not None]
+        ax.plot([r["epoch"] for r in rows], [100 * r["test_acc"] for r in rows], marker="o", ms=3, label=label)
+    ax.axhline(100 * teacher_acc, color="k", ls="--", lw=1, label=f"teacher (full data) {100 * teacher_acc:.1f}%")
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo", help="folder for every output (default: %(default)s)")
+    p.add_argument("--source", default="fashion-mnist", help="kdcache data source (default: %(default)s)")
+    p.add_argument("--src", default=None, help="source folder, where the source needs one")
+    p.add_argument("--data-option", action="append", default=[], metavar="OPT=VALUE",
+                   help="extra `kdcache data` option, e.g. num-train=400 for synthetic data")
+    p.add_argument("--teacher-arch", default="resnet20", help="default: %(default)s")
+    p.add_argument("--student-arch", default="resnet20", help="default: %(default)s")
+    p.add_argument("--teacher-epochs", type=int, default=3, help="default: %(default)s")
+    p.add_argument("--student-epochs", type=int, default=15, help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=256, help="default: %(default)s")
+    p.add_argument("--lr", type=float, default=0.2, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--fraction", type=float, default=0.1, help="kept fraction (default: %(default)s)")
+    p.add_argument("--score", default="el2n", help="score for the third student (default: %(default)s)")
+    p.add_argument("--keep", default="easy", choices=["hard", "easy"],
+                   help="end of --score to keep (default: %(default)s; at small fractions easy beats hard)")
+    p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    p.add_argument("--workers", type=int, default=-1, help="loader threads (default: all cores)")
+    args = p.parse_args(argv)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data, cache, teacher = out / "data", out / "cache.zarr", out / "teacher"
+    train_beton = data / "train.beton"
+    common = ["--batch-size", args.batch_size, "--lr", args.lr, "--seed", args.seed, "--workers", args.workers]
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+
+    def stage(name: str, done: bool, *commands: list) -> None:
+        if done:
+            print(f"\n== {name}: done already, skipped", flush=True)
+            timings[name] = 0.0
+            return
+        print(f"\n== {name}", flush=True)
+        t0 = time.perf_counter()
+        for command in commands:
+            kdcache(*command)
+        timings[name] = round(time.perf_counter() - t0, 1)
+        print(f"== {name}: {timings[name]:.1f} s", flush=True)
+
+    extra = [f"--{kv.split('=', 1)[0]}={kv.split('=', 1)[1]}" for kv in args.data_option]
+    stage("data", (data / "manifest.json").is_file(),
+          ["data", args.source, "--out", data, *(["--src", args.src] if args.src else []), *extra])
+    stage("teacher", (teacher / "summary.json").is_file(),
+          ["train", "--data", train_beton, "--out", teacher, "--arch", args.teacher_arch, "--fraction", 1,
+           "--alpha", 0, "--epochs", args.teacher_epochs, *common])
+    stage("dump", finished_store(cache),
+          ["dump", "--teacher", args.teacher_arch, "--checkpoint", teacher / "model.pt", "--data", train_beton,
+           "--out", cache, "--overwrite", "--workers", args.workers, "--batch-size", 500, "--chunk-rows", 5000],
+          ["info", cache])
+    selection = out / f"select-{args.score}.npy"
+    stage("select", selection.is_file() and selection.with_suffix(".json").is_file(),
+          ["select", "--store", cache, "--data", train_beton, "--method", args.score, "--keep", args.keep,
+           "--fraction", args.fraction, "--seed", args.seed, "--out", selection])
+    student = ["--data", train_beton, "--arch", args.student_arch, "--epochs", args.student_epochs, *common]
+    runs = {
+        f"random {args.fraction:g}, no teacher": (out / "student-random-ce", ["--fraction", args.fraction,
+                                                                               "--alpha", 0]),
+        f"random {args.fraction:g}, cached KD": (out / "student-random-kd", ["--fraction", args.fraction,
+                                                                              "--alpha", "auto", "--cache", cache]),
+        f"{args.score} ({args.keep}) {args.fraction:g}, cached KD": (
+            out / f"student-{args.score}-kd", ["--indices", selection, "--alpha", "auto", "--cache", cache]),
+    }
+    for label, (run, options) in runs.items():
+        stage(f"student: {label}", (run / "summary.json").is_file(),
+              ["train", *student, "--out", run, *options])
+
+    return report(out, args, teacher, cache, runs, timings, time.perf_counter() - t_start)
+
+
+def report(out: Path, args, teacher: Path, cache: Path, runs: dict, timings: dict, total: float) -> dict:
+    from kdcache.store import describe_store
+
+    t_sum = json.loads((teacher / "summary.json").read_text())
+    store = describe_store(str(cache))
+    summaries = {label: json.loads((run / "summary.json").read_text()) for label, (run, _) in runs.items()}
+    base = next(iter(summaries.values()))["test_acc"]
+    students = [{"name": label, "run": str(run), "test_acc": s["test_acc"], "gain_over_no_teacher": s["test_acc"] - base,
+                 "alpha": s["alpha"], "num_selected": s["num_selected"], "images_per_sec": s["images_per_sec"]}
+                for (label, (run, _)), s in zip(runs.items(), summaries.values())]
+    summary = {
+        "dataset": args.source, "teacher": {"arch": args.teacher_arch, "epochs": args.teacher_epochs,
+                                            "test_acc": t_sum["test_acc"], "images_per_sec": t_sum["images_per_sec"],
+                                            "run": str(teacher)},
+        "students": students,
+        "schedule": {"student_arch": args.student_arch, "student_epochs": args.student_epochs,
+                     "fraction": args.fraction, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                     "score": args.score, "keep": args.keep},
+        "cache": {"path": str(cache), "bytes_per_sample": store["bytes_per_sample"],
+                  "teacher_accuracy_on_train": store["attrs"].get("teacher_accuracy")},
+        "stage_seconds": timings, "total_seconds": round(total, 1),
+        "outputs": {"data": str(out / "data"), "teacher": str(teacher / "model.pt"), "cache": str(cache),
+                    "students": [str(run) for run, _ in runs.values()], "summary": str(out / "summary.json"),
+                    "plot": str(out / "demo.png")},
+    }
+    plot(out / "demo.png", {label: run for label, (run, _) in runs.items()}, t_sum["test_acc"],
+         f"{args.source}: students on {args.fraction:.0%} of the data, {args.student_arch}")
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(out / "summary.json")
+    print(table(summary))
+    return summary
+
+
+def table(s: dict) -> str:
+    t = s["teacher"]
+    sch = s["schedule"]
+    lines = [
+        "",
+        f"kdcache demo on {s['dataset']}: students see {sch['fraction']:.0%} of the training data",
+        f"schedule: teacher {t['arch']} {t['epochs']} epochs on all data; students {sch['student_arch']} "
+        f"{sch['student_epochs']} epochs, batch {sch['batch_size']}, lr {sch['lr']}, seed {sch['seed']}",
+        "",
+        f"{'model':42s} {'test acc':>9s} {'gain':>8s} {'alpha':>6s} {'img/s':>7s}",
+        f"{'teacher (' + t['arch'] + ', all data)':42s} {100 * t['test_acc']:8.2f}% {'':>8s} {0:6.2f} "
+        f"{t['images_per_sec']:7.0f}",
+    ]
+    for st in s["students"]:
+        gain = f"{100 * st['gain_over_no_teacher']:+7.2f}" if st is not s["students"][0] else "     --"
+        lines.append(f"{'student: ' + st['name']:42s} {100 * st['test_acc']:8.2f}% {gain:>8s} {st['alpha']:6.2f} "
+                     f"{st['images_per_sec']:7.0f}")
+    lines += [
+        "",
+        f"cache: {s['cache']['bytes_per_sample']} bytes per sample ({s['cache']['path']})",
+        "stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in s["stage_seconds"].items())
+        + f"; total {s['total_seconds']:.0f} s",
+        "outputs: data " + s["outputs"]["data"] + ", teacher " + s["outputs"]["teacher"] + ", students "
+        + ", ".join(s["outputs"]["students"]),
+        f"summary: {s['outputs']['summary']}   plot: {s['outputs']['plot']}",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
