@@ -73,11 +73,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-option", action="append", default=[], metavar="OPT=VALUE",
                    help="extra `kdcache data` option, e.g. num-train=400 for synthetic data")
     p.add_argument("--teacher-arch", default="resnet20", help="default: %(default)s")
-    p.add_argument("--student-arch", default="resnet20", help="default: %(default)s")
-    p.add_argument("--teacher-epochs", type=int, default=3, help="default: %(default)s")
-    p.add_argument("--student-epochs", type=int, default=15, help="default: %(default)s")
+    p.add_argument("--student-arch", default="resnet8", help="default: %(default)s")
+    p.add_argument("--teacher-epochs", type=int, default=2, help="default: %(default)s")
+    p.add_argument("--student-epochs", type=int, default=18, help="default: %(default)s")
+    p.add_argument("--eval-every", type=int, default=3, help="students' test evaluations (default: every %(default)s)")
+    p.add_argument("--augment", action="store_true",
+                   help="random crop + flip (off by default: these short schedules converge faster without)")
+    p.add_argument("--temperature", type=float, default=4.0, help="KD temperature (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="default: %(default)s")
-    p.add_argument("--lr", type=float, default=0.2, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--teacher-lr", type=float, default=0.2, help="default: %(default)s")
+    p.add_argument("--lr", type=float, default=0.1, help="students' peak learning rate (default: %(default)s)")
     p.add_argument("--fraction", type=float, default=0.1, help="kept fraction (default: %(default)s)")
     p.add_argument("--score", default="el2n", help="score for the third student (default: %(default)s)")
     p.add_argument("--keep", default="easy", choices=["hard", "easy"],
@@ -90,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     data, cache, teacher = out / "data", out / "cache.zarr", out / "teacher"
     train_beton = data / "train.beton"
-    common = ["--batch-size", args.batch_size, "--lr", args.lr, "--seed", args.seed, "--workers", args.workers]
+    common = ["--batch-size", args.batch_size, "--seed", args.seed, "--workers", args.workers,
+              "--augment" if args.augment else "--no-augment"]
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
 
@@ -111,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
           ["data", args.source, "--out", data, *(["--src", args.src] if args.src else []), *extra])
     stage("teacher", (teacher / "summary.json").is_file(),
           ["train", "--data", train_beton, "--out", teacher, "--arch", args.teacher_arch, "--fraction", 1,
-           "--alpha", 0, "--epochs", args.teacher_epochs, *common])
+           "--alpha", 0, "--epochs", args.teacher_epochs, "--lr", args.teacher_lr, *common])
     stage("dump", finished_store(cache),
           ["dump", "--teacher", args.teacher_arch, "--checkpoint", teacher / "model.pt", "--data", train_beton,
            "--out", cache, "--overwrite", "--workers", args.workers, "--batch-size", 500, "--chunk-rows", 5000],
@@ -120,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     stage("select", selection.is_file() and selection.with_suffix(".json").is_file(),
           ["select", "--store", cache, "--data", train_beton, "--method", args.score, "--keep", args.keep,
            "--fraction", args.fraction, "--seed", args.seed, "--out", selection])
-    student = ["--data", train_beton, "--arch", args.student_arch, "--epochs", args.student_epochs, *common]
+    student = ["--data", train_beton, "--arch", args.student_arch, "--epochs", args.student_epochs, "--lr", args.lr,
+               "--eval-every", args.eval_every, "--temperature", args.temperature, *common]
     runs = {
         f"random {args.fraction:g}, no teacher": (out / "student-random-ce", ["--fraction", args.fraction,
                                                                                "--alpha", 0]),
@@ -143,8 +150,9 @@ def report(out: Path, args, teacher: Path, cache: Path, runs: dict, timings: dic
     store = describe_store(str(cache))
     summaries = {label: json.loads((run / "summary.json").read_text()) for label, (run, _) in runs.items()}
     base = next(iter(summaries.values()))["test_acc"]
-    students = [{"name": label, "run": str(run), "test_acc": s["test_acc"], "gain_over_no_teacher": s["test_acc"] - base,
-                 "alpha": s["alpha"], "num_selected": s["num_selected"], "images_per_sec": s["images_per_sec"]}
+    students = [{"name": label, "run": str(run), "test_acc": s["test_acc"],
+                 "gain_over_no_teacher": s["test_acc"] - base, "alpha": s["alpha"],
+                 "num_selected": s["num_selected"], "images_per_sec": s["images_per_sec"]}
                 for (label, (run, _)), s in zip(runs.items(), summaries.values())]
     summary = {
         "dataset": args.source, "teacher": {"arch": args.teacher_arch, "epochs": args.teacher_epochs,
@@ -153,6 +161,7 @@ def report(out: Path, args, teacher: Path, cache: Path, runs: dict, timings: dic
         "students": students,
         "schedule": {"student_arch": args.student_arch, "student_epochs": args.student_epochs,
                      "fraction": args.fraction, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                     "temperature": args.temperature, "augment": args.augment, "teacher_lr": args.teacher_lr,
                      "score": args.score, "keep": args.keep},
         "cache": {"path": str(cache), "bytes_per_sample": store["bytes_per_sample"],
                   "teacher_accuracy_on_train": store["attrs"].get("teacher_accuracy")},
@@ -176,8 +185,9 @@ def table(s: dict) -> str:
     lines = [
         "",
         f"kdcache demo on {s['dataset']}: students see {sch['fraction']:.0%} of the training data",
-        f"schedule: teacher {t['arch']} {t['epochs']} epochs on all data; students {sch['student_arch']} "
-        f"{sch['student_epochs']} epochs, batch {sch['batch_size']}, lr {sch['lr']}, seed {sch['seed']}",
+        f"schedule: teacher {t['arch']} {t['epochs']} epochs on all data (lr {sch['teacher_lr']}); students "
+        f"{sch['student_arch']} {sch['student_epochs']} epochs (lr {sch['lr']}, T {sch['temperature']}); "
+        f"batch {sch['batch_size']}, augmentation {'on' if sch['augment'] else 'off'}, seed {sch['seed']}",
         "",
         f"{'model':42s} {'test acc':>9s} {'gain':>8s} {'alpha':>6s} {'img/s':>7s}",
         f"{'teacher (' + t['arch'] + ', all data)':42s} {100 * t['test_acc']:8.2f}% {'':>8s} {0:6.2f} "

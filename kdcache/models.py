@@ -1,6 +1,7 @@
 """The model registry shared by teachers and students, and the checkpoint format.
 
-Names are the CIFAR ResNets of He et al. (resnet20/32/44/56/110) and torchvision's classification
+Names are the CIFAR ResNets of He et al. (resnet20/32/44/56/110, plus the resnet8 that distillation
+papers use as a small student) and torchvision's classification
 models by their torchvision names. Inputs of 64 px or less get a small-image stem (3x3 stride-1
 first convolution, no max-pool), as CIFAR ResNets do.
 """
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from .errors import UserError
 
 SMALL_IMAGE = 64
-CIFAR_RESNETS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}
+CIFAR_RESNETS = {"resnet8": 1, "resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}
 
 
 class _Block(nn.Module):
