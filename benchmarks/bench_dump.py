@@ -23,7 +23,8 @@ import torch
 from common import RESULTS, default_data, machine
 
 from kdcache.beton import dataset_info, image_size
-from kdcache.dump import dump, resolve_device
+from kdcache.device import resolve_device
+from kdcache.dump import dump
 from kdcache.loader import Batches
 from kdcache.models import build_model, save_checkpoint
 

@@ -25,10 +25,11 @@ import torch
 from common import RESULTS, default_data, machine
 
 from kdcache.beton import dataset_info, image_size
+from kdcache.device import resolve_device
 from kdcache.dump import dump
 from kdcache.loader import Batches
 from kdcache.models import build_model, save_checkpoint
-from kdcache.train import TrainConfig, _resolve_device, train
+from kdcache.train import TrainConfig, train
 
 
 def teacher_throughput(name: str, info: dict, indices: np.ndarray, dev: torch.device, batch_size: int) -> float:
@@ -64,7 +65,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="interleaved runs of each mode; the best counts")
     args = p.parse_args()
 
-    dev = _resolve_device(args.device)
+    dev = resolve_device(args.device)
     small = args.small_teacher or args.student
     beton = default_data(args.data, 20000)
     info = dataset_info(beton)

@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=0.1, help="students' peak learning rate (default: %(default)s)")
     p.add_argument("--fraction", type=float, default=0.1, help="kept fraction (default: %(default)s)")
     p.add_argument("--score", default="el2n", help="score for the third student (default: %(default)s)")
-    p.add_argument("--keep", default="easy", choices=["hard", "easy"],
-                   help="end of --score to keep (default: %(default)s; at small fractions easy beats hard)")
+    p.add_argument("--keep", default="hard", choices=["hard", "easy"],
+                   help="end of --score to keep, per class (default: %(default)s, as in the papers)")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     p.add_argument("--workers", type=int, default=-1, help="loader threads (default: all cores)")
     args = p.parse_args(argv)
@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> dict:
           ["info", cache])
     selection = out / f"select-{args.score}.npy"
     stage("select", selection.is_file() and selection.with_suffix(".json").is_file(),
+          # class-balanced: one end of a score alone can leave whole classes out
           ["select", "--store", cache, "--data", train_beton, "--method", args.score, "--keep", args.keep,
-           "--fraction", args.fraction, "--seed", args.seed, "--out", selection])
+           "--class-balanced", "--fraction", args.fraction, "--seed", args.seed, "--out", selection])
     student = ["--data", train_beton, "--arch", args.student_arch, "--epochs", args.student_epochs, "--lr", args.lr,
                "--eval-every", args.eval_every, "--temperature", args.temperature, *common]
     runs = {
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                                                "--alpha", 0]),
         f"random {args.fraction:g}, cached KD": (out / "student-random-kd", ["--fraction", args.fraction,
                                                                               "--alpha", "auto", "--cache", cache]),
-        f"{args.score} ({args.keep}) {args.fraction:g}, cached KD": (
+        f"{args.score} ({args.keep}, per class) {args.fraction:g}, cached KD": (
             out / f"student-{args.score}-kd", ["--indices", selection, "--alpha", "auto", "--cache", cache]),
     }
     for label, (run, options) in runs.items():

@@ -22,21 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
+from .device import init_distributed, resolve_device
 from .errors import UserError
+from .loader import Batches
+from .models import last_linear
 from .scores import TEACHER_SCORES, teacher_scores
 from .store import LOGITS_KIND, SCHEMA_VERSION, create_score, index_dtype, open_store
 
 DIE_AFTER_ENV = "KDCACHE_DIE_AFTER_CHUNKS"  # tests: SIGKILL this process after that many chunks
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda, but torch sees no CUDA device")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def load_teacher(name: str, checkpoint: str | None, pretrained: bool, info: dict,
@@ -268,17 +261,11 @@ def dump(*, teacher: str, data: str, out: str, checkpoint: str | None = None, pr
     import torch.distributed as dist
 
     from .beton import dataset_info
-    from .loader import Batches
-    from .models import last_linear
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
-    distributed = world > 1 and not dist.is_initialized()
-    if distributed:
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    dev = resolve_device(device)
+    distributed = init_distributed(dev)
     try:
         info = dataset_info(data)
         if info["split"] != "train":
@@ -320,8 +307,7 @@ def dump(*, teacher: str, data: str, out: str, checkpoint: str | None = None, pr
         todo = [k for k in range(len(done)) if k % world == rank and not done[k]]
         if todo:
             _run(model, group, info, todo, batch_size=batch_size, chunk_rows=chunk_rows, topk=topk,
-                 dev=dev, workers=workers, progress=progress and rank == 0, Batches=Batches,
-                 last_linear=last_linear)
+                 dev=dev, workers=workers, progress=progress and rank == 0)
         if distributed:
             dist.barrier()
         if rank == 0:
@@ -341,7 +327,7 @@ def dump(*, teacher: str, data: str, out: str, checkpoint: str | None = None, pr
 
 
 def _run(model, group, info: dict, todo: list[int], *, batch_size: int, chunk_rows: int, topk: int | None,
-         dev: torch.device, workers: int, progress: bool, Batches, last_linear) -> None:
+         dev: torch.device, workers: int, progress: bool) -> None:
     from tqdm import tqdm
 
     n = info["size"]

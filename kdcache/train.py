@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from . import __version__
 from .beton import dataset_info, image_size
+from .device import init_distributed, resolve_device
 from .distill import auto_alpha, kd_loss
 from .errors import UserError
 from .loader import Batches
@@ -68,26 +69,8 @@ class TrainConfig:
     resume: bool = False
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA device is available")
-    return torch.device(name)
-
-
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _setup_distributed(device: torch.device) -> torch.device:
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return device
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    return device
 
 
 class Teacher:
@@ -205,7 +188,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume and (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())  # finished already
     out.mkdir(parents=True, exist_ok=True)
-    device = _setup_distributed(_resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    owns_group = init_distributed(device)
     rank, world = _rank(), (dist.get_world_size() if dist.is_initialized() else 1)
     indices, selection = _select(cfg, info)
     fraction = len(indices) / info["size"]
@@ -323,12 +307,13 @@ def train(cfg: TrainConfig) -> dict:
             recorder.end_epoch(epoch)
         elapsed += train_time
         last = epoch == epochs - 1
-        if rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or last):
+        evaluated = rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or last)
+        if evaluated:
             test_loss, test_acc = evaluate(model, test_batches, amp)
         row = {"epoch": epoch + 1, "step": step, "lr": opt.param_groups[0]["lr"],
                "train_loss": sums[0].item() / seen, "train_ce": sums[1].item() / seen,
                "train_kl": sums[2].item() / seen, "train_acc": sums[3].item() / seen,
-               "test_loss": test_loss, "test_acc": test_acc,
+               "test_loss": test_loss if evaluated else None, "test_acc": test_acc if evaluated else None,
                "images_per_sec": seen / train_time, "elapsed": elapsed}
         if rank == 0:
             with open(out / "metrics.jsonl", "a") as f:
@@ -338,7 +323,7 @@ def train(cfg: TrainConfig) -> dict:
                         "selection_hash": selection_hash}, ckpt_path.with_suffix(".tmp"))
             ckpt_path.with_suffix(".tmp").replace(ckpt_path)
             print(f"epoch {epoch + 1}/{epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
-                  f"test acc {test_acc if test_acc is None else round(test_acc, 4)}  "
+                  f"test acc {f'{test_acc:.4f}' if evaluated else '-'}  "
                   f"{row['images_per_sec']:.0f} img/s", flush=True)
             if os.environ.get("KDCACHE_DIE_AFTER_EPOCH") == str(epoch + 1):  # test hook: a hard crash
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -359,7 +344,7 @@ def train(cfg: TrainConfig) -> dict:
                         test_acc=test_acc, dataset_fingerprint=info["fingerprint"], config=config)
         _write_json(out / "summary.json", summary)  # last: its presence marks a finished run
         ckpt_path.unlink(missing_ok=True)
-    if dist.is_initialized():
+    if owns_group:
         dist.barrier()
         dist.destroy_process_group()
     return summary

@@ -21,7 +21,7 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert on_disk == json.loads(json.dumps(summary))
     assert 0 < on_disk["teacher"]["test_acc"] <= 1
     names = [s["name"] for s in on_disk["students"]]
-    assert names == ["random 0.25, no teacher", "random 0.25, cached KD", "el2n (easy) 0.25, cached KD"]
+    assert names == ["random 0.25, no teacher", "random 0.25, cached KD", "el2n (hard, per class) 0.25, cached KD"]
     for s in on_disk["students"]:
         assert 0 <= s["test_acc"] <= 1 and s["images_per_sec"] > 0 and s["num_selected"] == 100
     assert on_disk["students"][0]["alpha"] == 0 and on_disk["students"][1]["alpha"] > 0
