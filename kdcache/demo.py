@@ -98,13 +98,15 @@ def main(argv: list[str] | None = None) -> dict:
     train_beton = data / "train.beton"
     common = ["--batch-size", args.batch_size, "--seed", args.seed, "--workers", args.workers,
               "--augment" if args.augment else "--no-augment"]
-    timings: dict[str, float] = {}
+    # each finished stage's time is kept, so a rerun that skips it still reports what it cost
+    times_path = out / "stage_seconds.json"
+    timings: dict[str, float] = json.loads(times_path.read_text()) if times_path.is_file() else {}
     t_start = time.perf_counter()
 
     def stage(name: str, done: bool, *commands: list) -> None:
         if done:
             print(f"\n== {name}: done already, skipped", flush=True)
-            timings[name] = 0.0
+            timings.setdefault(name, 0.0)
             return
         print(f"\n== {name}", flush=True)
         t0 = time.perf_counter()
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
             kdcache(*command)
         timings[name] = round(time.perf_counter() - t0, 1)
         print(f"== {name}: {timings[name]:.1f} s", flush=True)
+        times_path.with_suffix(".tmp").write_text(json.dumps(timings, indent=2))
+        times_path.with_suffix(".tmp").replace(times_path)
 
     extra = [f"--{kv.split('=', 1)[0]}={kv.split('=', 1)[1]}" for kv in args.data_option]
     stage("data", (data / "manifest.json").is_file(),
@@ -142,10 +146,11 @@ def main(argv: list[str] | None = None) -> dict:
         stage(f"student: {label}", (run / "summary.json").is_file(),
               ["train", *student, "--out", run, *options])
 
-    return report(out, args, teacher, cache, runs, timings, time.perf_counter() - t_start)
+    stages = ["data", "teacher", "dump", "select"] + [f"student: {label}" for label in runs]
+    return report(out, args, teacher, cache, runs, {k: timings[k] for k in stages}, time.perf_counter() - t_start)
 
 
-def report(out: Path, args, teacher: Path, cache: Path, runs: dict, timings: dict, total: float) -> dict:
+def report(out: Path, args, teacher: Path, cache: Path, runs: dict, timings: dict, wall: float) -> dict:
     from kdcache.store import describe_store
 
     t_sum = json.loads((teacher / "summary.json").read_text())
@@ -167,7 +172,8 @@ def report(out: Path, args, teacher: Path, cache: Path, runs: dict, timings: dic
                      "score": args.score, "keep": args.keep},
         "cache": {"path": str(cache), "bytes_per_sample": store["bytes_per_sample"],
                   "teacher_accuracy_on_train": store["attrs"].get("teacher_accuracy")},
-        "stage_seconds": timings, "total_seconds": round(total, 1),
+        "stage_seconds": timings, "total_seconds": round(sum(timings.values()), 1),
+        "this_run_seconds": round(wall, 1),
         "outputs": {"data": str(out / "data"), "teacher": str(teacher / "model.pt"), "cache": str(cache),
                     "students": [str(run) for run, _ in runs.values()], "summary": str(out / "summary.json"),
                     "plot": str(out / "demo.png")},
@@ -203,7 +209,7 @@ def table(s: dict) -> str:
         "",
         f"cache: {s['cache']['bytes_per_sample']} bytes per sample ({s['cache']['path']})",
         "stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in s["stage_seconds"].items())
-        + f"; total {s['total_seconds']:.0f} s",
+        + f"; total {s['total_seconds']:.0f} s (this run {s['this_run_seconds']:.0f} s)",
         "outputs: data " + s["outputs"]["data"] + ", teacher " + s["outputs"]["teacher"] + ", students "
         + ", ".join(s["outputs"]["students"]),
         f"summary: {s['outputs']['summary']}   plot: {s['outputs']['plot']}",
