@@ -27,7 +27,7 @@ from .errors import UserError
 from .loader import Batches
 from .models import last_linear
 from .scores import TEACHER_SCORES, teacher_scores
-from .store import LOGITS_KIND, SCHEMA_VERSION, create_score, index_dtype, open_store
+from .store import LOGITS_KIND, SCHEMA_VERSION, create_score, create_store, index_dtype, open_store
 
 DIE_AFTER_ENV = "KDCACHE_DIE_AFTER_CHUNKS"  # tests: SIGKILL this process after that many chunks
 
@@ -73,19 +73,13 @@ def _local_path(url: str) -> Path:
 
 def _existing(url: str):
     """The zarr group at `url`, or None if nothing is there. Refuses to touch a folder of other files."""
-    import zarr
     if _is_local(url):
         path = _local_path(url)
         if path.exists() and not (path / "zarr.json").exists():
             if path.is_file() or any(path.iterdir()):
                 raise UserError(f"{url} exists and is not a kdcache store; choose another --out")
             return None
-    try:
-        return zarr.open_group(store=url.removeprefix("file://"), mode="r")
-    except FileNotFoundError:
-        return None
-    except ImportError as e:
-        raise UserError(f"cannot open {url}: {e} (install fsspec and the filesystem's package, e.g. s3fs)")
+    return open_store(url, "r", missing_ok=True)
 
 
 IDENTITY = ("fingerprint", "teacher", "checkpoint_sha256")
@@ -108,13 +102,8 @@ def prepare_store(url: str, attrs: dict, overwrite: bool) -> None:
         group = open_store(url, "r+")
         if "chunks_done" in group:  # created in full earlier: resume
             return
-    else:
-        import zarr
-        try:  # attributes with the group, in one write: there is never a store without them
-            group = zarr.create_group(store=url.removeprefix("file://"), overwrite=old is not None,
-                                      attributes=attrs)
-        except ImportError as e:
-            raise UserError(f"cannot open {url}: {e} (install fsspec and the filesystem's package, e.g. s3fs)")
+    else:  # attributes with the group, in one write: there is never a store without them
+        group = create_store(url, attrs, overwrite=old is not None)
     _create_arrays(group, attrs)
 
 

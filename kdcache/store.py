@@ -14,15 +14,26 @@ from .errors import UserError
 SCHEMA_VERSION = 1
 
 
-def open_store(url: str, mode: str = "r") -> zarr.Group:
+def open_store(url: str, mode: str = "r", *, missing_ok: bool = False) -> zarr.Group | None:
     """Open a store by path or URL (`file://...`, or any fsspec URL such as `s3://...` when the
-    filesystem package is installed)."""
+    filesystem package is installed); with `missing_ok`, None where there is none."""
     url = str(url)
-    url = url.removeprefix("file://")
     try:
-        return zarr.open_group(store=url, mode=mode)
+        return _zarr(zarr.open_group, url, mode=mode)
     except FileNotFoundError:  # zarr's GroupNotFoundError is one
+        if missing_ok:
+            return None
         raise UserError(f"no kdcache store at {url}")
+
+
+def create_store(url: str, attrs: dict, *, overwrite: bool) -> zarr.Group:
+    """A new store whose root attributes are written together with the group, in one write."""
+    return _zarr(zarr.create_group, str(url), overwrite=overwrite, attributes=attrs)
+
+
+def _zarr(open_or_create, url: str, **options) -> zarr.Group:
+    try:
+        return open_or_create(store=url.removeprefix("file://"), **options)
     except ImportError as e:
         raise UserError(f"cannot open {url}: {e} (install fsspec and the filesystem's package, e.g. s3fs)")
 
@@ -59,11 +70,8 @@ def hardness(group: zarr.Group, name: str) -> np.ndarray:
 def write_score(group: zarr.Group, name: str, values: np.ndarray, *, higher_is_harder: bool = True,
                 description: str = "", chunk_rows: int = 65536) -> None:
     values = np.asarray(values, dtype=np.float32)
-    arr = group.require_group("scores").create_array(
-        name, shape=values.shape, dtype="float32", chunks=(min(chunk_rows, max(len(values), 1)),),
-        overwrite=True)
-    arr[:] = values
-    arr.attrs.update({"higher_is_harder": higher_is_harder, "description": description})
+    create_score(group, name, len(values), higher_is_harder=higher_is_harder, description=description,
+                 chunk_rows=chunk_rows)[:] = values
 
 
 # --- the teacher-logit cache written by `kdcache dump` ---------------------------------------------
