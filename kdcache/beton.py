@@ -16,6 +16,7 @@ import numpy as np
 
 from . import __version__
 from .errors import UserError
+from .files import write_json
 from .sources import Source, Split
 
 MANIFEST = "manifest.json"
@@ -113,9 +114,7 @@ def convert(source: Source, out_dir: str | Path, *, max_side: int = 256, jpeg_qu
         "kdcache_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / MANIFEST)
+    write_json(out / MANIFEST, manifest)
     return manifest
 
 

@@ -15,6 +15,8 @@ import shlex
 import time
 from pathlib import Path
 
+from .files import write_json
+
 
 def kdcache(*args) -> None:
     """Run one `kdcache` command in this process, as a user would type it."""
@@ -114,8 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
             kdcache(*command)
         timings[name] = round(time.perf_counter() - t0, 1)
         print(f"== {name}: {timings[name]:.1f} s", flush=True)
-        times_path.with_suffix(".tmp").write_text(json.dumps(timings, indent=2))
-        times_path.with_suffix(".tmp").replace(times_path)
+        write_json(times_path, timings)
 
     extra = [f"--{kv.split('=', 1)[0]}={kv.split('=', 1)[1]}" for kv in args.data_option]
     stage("data", (data / "manifest.json").is_file(),
@@ -180,9 +181,7 @@ def report(out: Path, args, teacher: Path, cache: Path, runs: dict, timings: dic
     }
     plot(out / "demo.png", {label: run for label, (run, _) in runs.items()}, t_sum["test_acc"],
          f"{args.source}: students on {args.fraction:.0%} of the data, {args.student_arch}")
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out / "summary.json")
+    write_json(out / "summary.json", summary)
     print(table(summary))
     return summary
 

@@ -2,13 +2,13 @@
 coverage-centric selection (CCS, Zheng et al. 2023). Output: sorted sample indices plus a JSON sidecar."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError
+from .files import write_json
 
 METHODS_HELP = "random, ccs, or any score in the store (e.g. el2n, forgetting)"
 
@@ -211,7 +211,4 @@ def save_selection(path: str | Path, indices: np.ndarray, sidecar: dict) -> None
     with open(tmp, "wb") as f:  # a file object: np.save would otherwise append .npy to the name
         np.save(f, np.asarray(indices, dtype=np.int64))
     os.replace(tmp, path)
-    meta = sidecar_path(path)
-    tmp = meta.with_name(meta.name + ".tmp")
-    tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
-    os.replace(tmp, meta)
+    write_json(sidecar_path(path), sidecar)

@@ -28,6 +28,7 @@ from .beton import dataset_info, image_size
 from .device import init_distributed, resolve_device
 from .distill import auto_alpha, kd_loss
 from .errors import UserError
+from .files import write_json
 from .loader import Batches
 from .models import build_model, load_checkpoint, save_checkpoint
 
@@ -248,7 +249,7 @@ def train(cfg: TrainConfig) -> dict:
         (out / "metrics.jsonl").write_text("")
         (out / "summary.json").unlink(missing_ok=True)
     if rank == 0:
-        _write_json(out / "config.json", config)
+        write_json(out / "config.json", config)
         np.save(out / "indices.npy", indices)
 
     recorder = None
@@ -342,15 +343,10 @@ def train(cfg: TrainConfig) -> dict:
                    getattr(teacher, "bytes_per_sample", None)}
         save_checkpoint(out / "model.pt", model, arch=cfg.arch, num_classes=info["num_classes"], image_size=size,
                         test_acc=test_acc, dataset_fingerprint=info["fingerprint"], config=config)
-        _write_json(out / "summary.json", summary)  # last: its presence marks a finished run
+        write_json(out / "summary.json", summary)  # last: its presence marks a finished run
         ckpt_path.unlink(missing_ok=True)
     if owns_group:
         dist.barrier()
         dist.destroy_process_group()
     return summary
 
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
