@@ -19,14 +19,14 @@ $(STAMP): setup.cfg pyproject.toml
 	fi
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,plot]"
 	@touch $@
 
 test: install
 	$(PY) -m pytest -q tests
 
 demo: install
-	$(PY) -m kdcache.demo --out runs/demo $(DEMO_ARGS)
+	$(KDCACHE) demo --out runs/demo $(DEMO_ARGS)
 
 bench-dump: install
 	$(PY) benchmarks/bench_dump.py $(BENCH_ARGS)

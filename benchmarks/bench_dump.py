@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from common import RESULTS, default_data, machine
 
-from kdcache.beton import dataset_info, image_size
+from kdcache.beton import dataset_info
 from kdcache.device import resolve_device
 from kdcache.dump import dump
 from kdcache.loader import Batches
@@ -39,7 +39,7 @@ def bare_inference(model, info: dict, dev: torch.device, batch_size: int, worker
             model(x)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    return info["size"] / (time.perf_counter() - start)
+    return info.size / (time.perf_counter() - start)
 
 
 def full_dump(args, ckpt: Path, beton: Path, store: Path) -> float:
@@ -47,7 +47,7 @@ def full_dump(args, ckpt: Path, beton: Path, store: Path) -> float:
     dump(teacher=args.teacher, checkpoint=str(ckpt), data=str(beton), out=str(store), batch_size=args.batch_size,
          chunk_rows=args.chunk_rows, topk=args.topk, device=args.device, workers=args.workers, overwrite=True,
          progress=False)
-    return dataset_info(beton)["size"] / (time.perf_counter() - start)
+    return dataset_info(beton).size / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -73,11 +73,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     ckpt, store = work / "teacher.pt", work / "cache.zarr"
     torch.manual_seed(0)
-    model = build_model(args.teacher, info["num_classes"], image_size(info))
-    save_checkpoint(ckpt, model, arch=args.teacher, num_classes=info["num_classes"], image_size=image_size(info))
+    model = build_model(args.teacher, info.num_classes, info.image_size)
+    save_checkpoint(ckpt, model, arch=args.teacher, num_classes=info.num_classes, image_size=info.image_size)
     model = model.to(dev, memory_format=torch.channels_last).eval()
 
-    print(f"{args.teacher} on {info['size']} samples of {beton} ({image_size(info)} px), batch {args.batch_size}, "
+    print(f"{args.teacher} on {info.size} samples of {beton} ({info.image_size} px), batch {args.batch_size}, "
           f"{machine(dev)}, torch {torch.__version__}")
     bare_inference(model, info, dev, args.batch_size, args.workers)  # warm-up: FFCV compiles its pipeline
     bare, dumped = [], []
@@ -91,7 +91,7 @@ def main() -> None:
 
     result = {"benchmark": "dump", "machine": machine(dev), "device": str(dev), "torch": torch.__version__,
               "python": platform.python_version(), "teacher": args.teacher, "data": str(beton),
-              "num_samples": info["size"], "image_size": image_size(info), "batch_size": args.batch_size,
+              "num_samples": info.size, "image_size": info.image_size, "batch_size": args.batch_size,
               "chunk_rows": args.chunk_rows, "topk": args.topk or None, "workers": args.workers,
               "bare_samples_per_s": max(bare), "dump_samples_per_s": max(dumped), "ratio": ratio,
               "runs": {"bare": bare, "dump": dumped}}

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from common import RESULTS, default_data, machine
 
-from kdcache.beton import dataset_info, image_size
+from kdcache.beton import dataset_info
 from kdcache.device import resolve_device
 from kdcache.dump import dump
 from kdcache.loader import Batches
@@ -35,7 +35,7 @@ from kdcache.train import TrainConfig, train
 def teacher_throughput(name: str, info: dict, indices: np.ndarray, dev: torch.device, batch_size: int) -> float:
     """Images/s of the teacher's forward pass alone (no grad, channels-last, autocast on GPU)."""
     torch.manual_seed(0)
-    model = build_model(name, info["num_classes"], image_size(info)).to(dev, memory_format=torch.channels_last)
+    model = build_model(name, info.num_classes, info.image_size).to(dev, memory_format=torch.channels_last)
     model.eval()
     batches = Batches(info, batch_size=batch_size, train=True, device=dev, indices=indices, num_workers=-1)
     xs = [x for x, _, _ in batches]  # load first, so only the model is timed
@@ -69,18 +69,18 @@ def main() -> None:
     small = args.small_teacher or args.student
     beton = default_data(args.data, 20000)
     info = dataset_info(beton)
-    n = min(args.samples, info["size"])
+    n = min(args.samples, info.size)
     work = RESULTS / "bench_train"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    indices = np.sort(np.random.default_rng(0).choice(info["size"], n, replace=False))
+    indices = np.sort(np.random.default_rng(0).choice(info.size, n, replace=False))
     np.save(work / "indices.npy", indices)
-    size = image_size(info)
+    size = info.image_size
     for name in {args.big_teacher, small}:  # random-init teachers: throughput does not depend on weights
         torch.manual_seed(0)
-        save_checkpoint(work / f"{name}.pt", build_model(name, info["num_classes"], size), arch=name,
-                        num_classes=info["num_classes"], image_size=size)
-    print(f"caching {small} logits for {info['size']} samples ...", flush=True)
+        save_checkpoint(work / f"{name}.pt", build_model(name, info.num_classes, size), arch=name,
+                        num_classes=info.num_classes, image_size=size)
+    print(f"caching {small} logits for {info.size} samples ...", flush=True)
     dump(teacher=small, checkpoint=str(work / f"{small}.pt"), data=str(beton), out=str(work / "cache.zarr"),
          device=str(dev), progress=False)
 

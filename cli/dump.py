@@ -3,37 +3,39 @@ import json
 
 import click
 
+from kdcache.dump import DumpOptions
+from kdcache.models import ARCH_HELP
+
 SHOW = {"show_default": True}
+D = DumpOptions()
 
 
 @click.command()
-@click.option("--teacher", required=True, help="Model name: resnet20/32/44/56/110 or a torchvision classifier.")
+@click.option("--teacher", required=True, help=f"Teacher model: {ARCH_HELP}.")
 @click.option("--checkpoint", type=click.Path(), default=None, help="Teacher checkpoint written by kdcache train.")
 @click.option("--pretrained", is_flag=True, default=False, **SHOW,
               help="Use torchvision's pretrained weights (needs network access or a cached download).")
 @click.option("--data", type=click.Path(), required=True, help="The training split's .beton.")
 @click.option("--out", required=True, help="Store path or URL (file://, s3://, ...).")
-@click.option("--batch-size", default=512, **SHOW, help="Samples per teacher batch.")
-@click.option("--chunk-rows", default=4096, **SHOW,
+@click.option("--batch-size", default=D.batch_size, **SHOW, help="Samples per teacher batch.")
+@click.option("--chunk-rows", default=D.chunk_rows, **SHOW,
               help="Samples per store chunk, the unit of resuming; a multiple of --batch-size.")
-@click.option("--topk", default=0, **SHOW,
+@click.option("--topk", default=D.topk, **SHOW,
               help="Store only the K most probable classes' log-probabilities (0: all logits).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", **SHOW,
-              help="auto: CUDA if available.")
-@click.option("--workers", default=-1, **SHOW, help="FFCV loader threads (-1: all cores).")
+@click.option("--device", default=D.device, **SHOW, help="auto (CUDA if available), cpu, cuda or cuda:N.")
+@click.option("--workers", default=D.workers, **SHOW, help="FFCV loader threads (-1: all cores).")
 @click.option("--overwrite", is_flag=True, default=False, **SHOW,
               help="Start over when --out holds another dump's store.")
 def dump(teacher, checkpoint, pretrained, data, out, batch_size, chunk_rows, topk, device, workers, overwrite):
     """Run the teacher once over the training set; cache its logits and difficulty scores in a Zarr
     store. A killed dump resumes when run again; under torchrun the ranks share the work."""
-    import os
-
+    from kdcache.device import rank
     from kdcache.dump import dump as run_dump
 
     attrs = run_dump(teacher=teacher, checkpoint=checkpoint, pretrained=pretrained, data=data, out=out,
                      batch_size=batch_size, chunk_rows=chunk_rows, topk=topk, device=device,
                      workers=workers, overwrite=overwrite)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank() == 0:
         click.echo(f"{attrs['num_samples']} samples, teacher {teacher} accuracy "
                    f"{100 * attrs['teacher_accuracy']:.2f}% -> {out}")
 
@@ -43,7 +45,7 @@ def dump(teacher, checkpoint, pretrained, data, out, batch_size, chunk_rows, top
 @click.option("--json", "as_json", is_flag=True, default=False, **SHOW, help="Print JSON.")
 def info(store, as_json):
     """Describe a kdcache STORE (path or URL): arrays, teacher, accuracy, completeness, scores."""
-    from kdcache.store import describe_store
+    from kdcache.store import TRAIN_FINGERPRINT, describe_store
 
     d = describe_store(store)
     if as_json:
@@ -54,9 +56,9 @@ def info(store, as_json):
     ds = d["dataset"]
     if ds.get("source"):
         lines.append(f"dataset    {ds['source']}, {a.get('num_samples')} samples, {ds['num_classes']} classes, "
-                     f"train fingerprint {a.get('fingerprint')}")
-    elif a.get("fingerprint"):
-        lines.append(f"dataset    train fingerprint {a['fingerprint']}")
+                     f"train fingerprint {a.get(TRAIN_FINGERPRINT)}")
+    elif a.get(TRAIN_FINGERPRINT):
+        lines.append(f"dataset    train fingerprint {a[TRAIN_FINGERPRINT]}")
     if a.get("teacher"):
         acc = a.get("teacher_accuracy")
         lines.append(f"teacher    {a['teacher']} from {a.get('checkpoint')}"

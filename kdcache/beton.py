@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
 from .errors import UserError
-from .files import write_json
+from .files import atomic, write_json
 from .sources import Source, Split
 
 MANIFEST = "manifest.json"
 IMAGENET_MEAN = [123.675, 116.28, 103.53]
 IMAGENET_STD = [58.395, 57.12, 57.375]
+CROP_RATIO = 224 / 256  # image folders: the side models see over the stored side (ImageNet's centre crop)
+LARGE_SIDE = 224        # ... and the side they see once the stored side is 256 px or more
 
 
 def fingerprint(split: Split) -> str:
@@ -61,11 +63,10 @@ def write_beton(split: Split, path: Path, *, jpeg: bool, max_side: int | None,
 
     image_field = (RGBImageField(write_mode="jpg", max_resolution=max_side, jpeg_quality=jpeg_quality)
                    if jpeg else RGBImageField(write_mode="raw"))
-    tmp = path.with_name(path.name + ".tmp")
-    writer = DatasetWriter(str(tmp), {"image": image_field, "label": IntField(), "index": IntField()},
-                           num_workers=num_workers)
-    writer.from_indexed_dataset(_Indexed(split))
-    os.replace(tmp, path)  # a beton under its final name is always complete
+    with atomic(path) as tmp:  # a beton under its final name is always complete
+        writer = DatasetWriter(str(tmp), {"image": image_field, "label": IntField(), "index": IntField()},
+                               num_workers=num_workers)
+        writer.from_indexed_dataset(_Indexed(split))
 
 
 def convert(source: Source, out_dir: str | Path, *, max_side: int = 256, jpeg_quality: int = 90,
@@ -118,9 +119,46 @@ def convert(source: Source, out_dir: str | Path, *, max_side: int = 256, jpeg_qu
     return manifest
 
 
-def dataset_info(beton: str | Path) -> dict:
-    """The manifest of the dataset a beton belongs to, plus `split` (its name), `path`, `size` and
-    `split_fingerprint`. Raises UserError for a missing beton or manifest."""
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One split of a converted dataset, as its manifest describes it.
+
+    Three fingerprints, one meaning each: `split_fingerprint` is this split's (images and labels),
+    `train_fingerprint` the training split's (what stores and selections are made from and checked
+    against), `dataset_fingerprint` the whole dataset's, train and test (what `kdcache data` prints)."""
+
+    path: str                       # this split's .beton
+    split: str                      # "train" or "test"
+    size: int                       # samples in this split
+    source: str
+    num_classes: int
+    classes: list
+    image_shape: list | None        # (H, W, 3) of small in-memory images; None for image folders (JPEG)
+    max_side: int | None            # image folders: the longest stored side
+    mean: list                      # per-channel pixel mean and std (0..255) used to normalise
+    std: list
+    split_fingerprint: str
+    train_fingerprint: str
+    dataset_fingerprint: str
+    manifest: dict                  # the manifest as written, recorded in stores made from this dataset
+
+    @property
+    def small(self) -> bool:
+        """Small images (CIFAR-like) are stored raw at full size; image folders as JPEG."""
+        return self.image_shape is not None
+
+    @property
+    def image_size(self) -> int:
+        """The side length models see: the stored side for small images, a centre-crop size for image folders."""
+        if self.small:
+            return int(self.image_shape[0])
+        side = self.max_side or 256
+        return LARGE_SIDE if side >= 256 else int(side * CROP_RATIO)
+
+
+def dataset_info(beton: str | Path) -> DatasetInfo:
+    """The description of the dataset split a beton holds, from the manifest beside it. Raises
+    UserError for a missing beton or manifest."""
     beton = Path(beton)
     if not beton.is_file():
         raise UserError(f"beton file not found: {beton}")
@@ -128,21 +166,18 @@ def dataset_info(beton: str | Path) -> dict:
     if not mpath.is_file():
         raise UserError(f"no {MANIFEST} next to {beton}: convert the data with `kdcache data` first")
     try:
-        manifest = json.loads(mpath.read_text())
+        m = json.loads(mpath.read_text())
     except json.JSONDecodeError:
         raise UserError(f"{mpath} is not valid JSON")
-    for name, split in manifest["splits"].items():
+    for name, split in m["splits"].items():
         if split["file"] == beton.name:
-            return {**manifest, "split": name, "path": str(beton), "size": split["size"],
-                    "split_fingerprint": split["fingerprint"]}
+            return DatasetInfo(
+                path=str(beton), split=name, size=split["size"], source=m["source"],
+                num_classes=m["num_classes"], classes=m["classes"], image_shape=m["image_shape"],
+                max_side=m.get("max_side"), mean=m["mean"], std=m["std"], split_fingerprint=split["fingerprint"],
+                train_fingerprint=m["splits"]["train"]["fingerprint"], dataset_fingerprint=m["fingerprint"],
+                manifest=m)
     raise UserError(f"{beton} is not listed in {mpath}")
-
-
-def image_size(info: dict) -> int:
-    """The side length models see: the stored side for small images, a crop size for image folders."""
-    if info["image_shape"]:
-        return int(info["image_shape"][0])
-    return 224 if (info.get("max_side") or 256) >= 256 else int(info["max_side"] * 7 // 8)
 
 
 def beton_labels(beton: str | Path) -> np.ndarray:

@@ -15,119 +15,78 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import __version__
-from .device import init_distributed, resolve_device
+from . import store
+from .beton import DatasetInfo, dataset_info
+from .device import init_distributed, rank, resolve_device, world_size
 from .errors import UserError
 from .loader import Batches
 from .models import last_linear
 from .scores import TEACHER_SCORES, teacher_scores
-from .store import LOGITS_KIND, SCHEMA_VERSION, create_score, create_store, index_dtype, open_store
 
 DIE_AFTER_ENV = "KDCACHE_DIE_AFTER_CHUNKS"  # tests: SIGKILL this process after that many chunks
 
 
-def load_teacher(name: str, checkpoint: str | None, pretrained: bool, info: dict,
+@dataclass(frozen=True)
+class DumpOptions:
+    """The dump's tunable options and their defaults (the CLI shows these)."""
+
+    batch_size: int = 512     # samples per teacher batch
+    chunk_rows: int = 4096    # samples per store chunk, the unit of resuming; a multiple of batch_size
+    topk: int = 0             # keep only the K most probable classes' log-probabilities (0: all logits)
+    device: str = "auto"      # auto, cpu, cuda or cuda:N
+    workers: int = -1         # FFCV loader threads (-1: all cores)
+
+
+def load_teacher(name: str, checkpoint: str | None, pretrained: bool, info: DatasetInfo,
                  device: torch.device) -> tuple[torch.nn.Module, dict]:
     """The teacher in eval mode, channels-last, and what identifies its weights."""
-    from .beton import image_size
-    from .models import build_model, load_checkpoint, sha256_file
+    from .models import build_model, load_teacher_checkpoint, sha256_file
 
     if bool(checkpoint) == bool(pretrained):
         raise UserError("pass exactly one of --checkpoint PATH and --pretrained")
-    num_classes, size = info["num_classes"], image_size(info)
     if checkpoint:
-        model, meta = load_checkpoint(checkpoint, "cpu")
-        if meta["arch"] != name:
-            raise UserError(f"--teacher {name}, but {checkpoint} holds a {meta['arch']}")
-        if meta["num_classes"] != num_classes:
-            raise UserError(f"{checkpoint} predicts {meta['num_classes']} classes but the dataset has "
-                            f"{num_classes}")
-        if meta["image_size"] != size:
-            raise UserError(f"{checkpoint} was built for {meta['image_size']} px images but the dataset's "
-                            f"are {size} px")
-        ident = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint)}
-    else:
-        model = build_model(name, num_classes, size, pretrained=True)
-        import torchvision
-        weights = torchvision.models.get_model_weights(name).DEFAULT
-        ident = {"checkpoint": f"torchvision:{weights}", "checkpoint_sha256": None}
+        model = load_teacher_checkpoint(checkpoint, name, info.num_classes, info.image_size, device)
+        return model, {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint)}
+    import torchvision
+    model = build_model(name, info.num_classes, info.image_size, pretrained=True)
+    weights = torchvision.models.get_model_weights(name).DEFAULT
     model = model.to(device, memory_format=torch.channels_last).eval()
-    return model, ident
+    return model, {"checkpoint": f"torchvision:{weights}", "checkpoint_sha256": None}
 
 
 # --- the store -------------------------------------------------------------------------------------
 
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def _local_path(url: str) -> Path:
-    return Path(url.removeprefix("file://"))
-
-
-def _existing(url: str):
-    """The zarr group at `url`, or None if nothing is there. Refuses to touch a folder of other files."""
-    if _is_local(url):
-        path = _local_path(url)
-        if path.exists() and not (path / "zarr.json").exists():
-            if path.is_file() or any(path.iterdir()):
-                raise UserError(f"{url} exists and is not a kdcache store; choose another --out")
-            return None
-    return open_store(url, "r", missing_ok=True)
-
-
-IDENTITY = ("fingerprint", "teacher", "checkpoint_sha256")
+IDENTITY = (store.TRAIN_FINGERPRINT, "teacher", "checkpoint_sha256")
 LAYOUT = ("num_samples", "num_classes", "chunk_rows", "topk")
-NAMES = {"fingerprint": "dataset fingerprint", "checkpoint_sha256": "checkpoint SHA-256"}
+NAMES = {store.TRAIN_FINGERPRINT: "train fingerprint", "checkpoint_sha256": "checkpoint SHA-256"}
 
 
 def prepare_store(url: str, attrs: dict, overwrite: bool) -> None:
     """Create the store, or check that the one at `url` is this dump's (to resume it)."""
-    old = _existing(url)
+    old = store.existing_store(url)
     if old is not None and not overwrite:
         have = old.attrs.asdict()
-        if have.get("kind") != LOGITS_KIND:
+        if have.get(store.KIND) != store.LOGITS_KIND:
             raise UserError(f"{url} is not a teacher-logit cache; pass --overwrite to replace it")
         for key in IDENTITY + LAYOUT:
             if have.get(key) != attrs[key]:
                 what = NAMES.get(key, key.replace("_", " "))
                 raise UserError(f"store {url} has another {what} ({have.get(key)!r}, this dump: "
                                 f"{attrs[key]!r}); pass --overwrite to start over")
-        group = open_store(url, "r+")
-        if "chunks_done" in group:  # created in full earlier: resume
+        group = store.open_store(url, "r+")
+        if store.CHUNKS_DONE in group:  # created in full earlier: resume
             return
     else:  # attributes with the group, in one write: there is never a store without them
-        group = create_store(url, attrs, overwrite=old is not None)
-    _create_arrays(group, attrs)
-
-
-def _create_arrays(group, attrs: dict) -> None:
-    n, c, rows, k = attrs["num_samples"], attrs["num_classes"], attrs["chunk_rows"], attrs["topk"]
-    rows = min(rows, max(n, 1))
-    if k is None:
-        group.create_array("logits", shape=(n, c), dtype="float16", chunks=(rows, c), overwrite=True)
-    else:
-        group.create_array("topk_values", shape=(n, k), dtype="float16", chunks=(rows, k), overwrite=True)
-        group.create_array("topk_indices", shape=(n, k), dtype=index_dtype(c), chunks=(rows, k),
-                           overwrite=True)
-    group.create_array("labels", shape=(n,), dtype="int64", chunks=(rows,), overwrite=True)
-    for name, (harder, description) in TEACHER_SCORES.items():
-        create_score(group, name, n, higher_is_harder=harder, description=description, chunk_rows=rows)
-    # One zarr chunk per flag, so ranks never rewrite each other's. Created last: its presence
-    # means every other array exists.
-    m = num_chunks(n, attrs["chunk_rows"])
-    group.create_array("chunk_correct", shape=(m,), dtype="int64", chunks=(1,), fill_value=0, overwrite=True)
-    group.create_array("chunks_done", shape=(m,), dtype="uint8", chunks=(1,), fill_value=0, overwrite=True)
-
-
-def num_chunks(num_samples: int, chunk_rows: int) -> int:
-    return -(-num_samples // chunk_rows)
+        group = store.create_store(url, attrs, overwrite=old is not None)
+    store.create_logit_arrays(group, num_samples=attrs["num_samples"], num_classes=attrs["num_classes"],
+                              chunk_rows=attrs["chunk_rows"], topk=attrs["topk"], scores=TEACHER_SCORES)
 
 
 class _Writer(threading.Thread):
@@ -151,8 +110,8 @@ class _Writer(threading.Thread):
         c, rows = chunk["chunk"], slice(chunk["start"], chunk["stop"])
         for name, values in chunk["arrays"].items():
             self.group[name][rows] = values
-        self.group["chunk_correct"][c] = chunk["correct"]
-        self.group["chunks_done"][c] = 1  # last: the chunk's data is on storage
+        self.group[store.CHUNK_CORRECT][c] = chunk["correct"]
+        self.group[store.CHUNKS_DONE][c] = 1  # last: the chunk's data is on storage
         self.done += 1
         if self.die_after is not None and self.done >= self.die_after:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -203,21 +162,21 @@ def _batch_outputs(model, hook: dict, x: torch.Tensor, y: torch.Tensor, topk: in
                    has_bias: bool) -> dict[str, torch.Tensor]:
     logits = model(x).float()
     scores = teacher_scores(logits, y, hook["features"], has_bias)
-    out = {f"scores/{name}": scores[name] for name in TEACHER_SCORES}
+    out = {f"{store.SCORES}/{name}": scores[name] for name in TEACHER_SCORES}
     out["correct"] = logits.argmax(1) == y
     out["finite"] = torch.isfinite(logits).all(1)
     if topk is None:
-        out["logits"] = logits.half()
+        out[store.LOGITS] = logits.half()
     else:
         values, classes = F.log_softmax(logits, dim=1).topk(topk, dim=1)
-        out["topk_values"], out["topk_indices"] = values.half(), classes.int()
+        out[store.TOPK_VALUES], out[store.TOPK_INDICES] = values.half(), classes.int()
     return out
 
 
 def _to_host(out: dict[str, torch.Tensor], labels: torch.Tensor, index: torch.Tensor) -> dict:
     # non_blocking copies from CUDA land in pinned memory; the event says when they are there
     host = {k: v.to("cpu", non_blocking=True) for k, v in out.items()}
-    host["labels"], host["index"] = labels.to("cpu", non_blocking=True), index.to("cpu", non_blocking=True)
+    host[store.LABELS], host["index"] = labels.to("cpu", non_blocking=True), index.to("cpu", non_blocking=True)
     event = None
     if out["correct"].is_cuda:
         event = torch.cuda.Event()
@@ -231,95 +190,98 @@ def _store_batch(pending: dict, chunks: _Chunks, idx_dtype: np.dtype) -> None:
     h = {k: v.numpy() for k, v in pending["host"].items()}
     index = h.pop("index").astype(np.int64)
     bad = ~h.pop("finite")
-    stored = h.get("logits", h.get("topk_values"))
+    stored = h.get(store.LOGITS, h.get(store.TOPK_VALUES))
     bad |= ~np.isfinite(stored.astype(np.float32)).all(1)  # beyond float16's range
     if bad.any():
         raise UserError(f"the teacher's outputs for sample {int(index[bad].min())} are not finite "
                         "(nan, inf, or beyond float16's range)")
     correct = h.pop("correct")
-    if "topk_indices" in h:
-        h["topk_indices"] = h["topk_indices"].astype(idx_dtype)
+    if store.TOPK_INDICES in h:
+        h[store.TOPK_INDICES] = h[store.TOPK_INDICES].astype(idx_dtype)
     chunks.add(index, h, correct)
 
 
+D = DumpOptions()
+
+
 def dump(*, teacher: str, data: str, out: str, checkpoint: str | None = None, pretrained: bool = False,
-         batch_size: int = 512, chunk_rows: int = 4096, topk: int | None = None, device: str = "auto",
-         workers: int = -1, overwrite: bool = False, progress: bool = True) -> dict:
+         batch_size: int = D.batch_size, chunk_rows: int = D.chunk_rows, topk: int | None = D.topk,
+         device: str = D.device, workers: int = D.workers, overwrite: bool = False, progress: bool = True) -> dict:
     """Dump the teacher's logits and scores for every sample of the training beton `data` into the
     store at `out`, resuming a matching unfinished store. Returns the store's root attributes."""
-    import torch.distributed as dist
-
-    from .beton import dataset_info
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    info = dataset_info(data)
+    topk = topk or None
+    _check_options(info, batch_size, chunk_rows, topk)
     dev = resolve_device(device)
     distributed = init_distributed(dev)
     try:
-        info = dataset_info(data)
-        if info["split"] != "train":
-            raise UserError(f"--data must be the training split's beton; {data} is the {info['split']} split")
-        n, c = info["size"], info["num_classes"]
-        topk = topk or None
-        if batch_size < 1 or chunk_rows < 1:
-            raise UserError("--batch-size and --chunk-rows must be positive")
-        if chunk_rows % batch_size:
-            # then a resumed or multi-process dump sees exactly the batches of a single uninterrupted
-            # one, and so writes identical values
-            raise UserError(f"--chunk-rows ({chunk_rows}) must be a multiple of --batch-size ({batch_size})")
-        if topk is not None and not 0 < topk < c:
-            raise UserError(f"--topk must be between 1 and {c - 1} (the dataset has {c} classes)")
         model, ident = load_teacher(teacher, checkpoint, pretrained, info, dev)
-        manifest = {k: v for k, v in info.items() if k not in ("split", "path", "size", "split_fingerprint")}
-        attrs = {"kind": LOGITS_KIND, "schema_version": SCHEMA_VERSION,
-                 "fingerprint": info["splits"]["train"]["fingerprint"], "manifest": manifest,
-                 "teacher": teacher, **ident, "teacher_accuracy": None, "kdcache_version": __version__,
-                 "command": shlex.join(sys.argv), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                 "num_samples": n, "num_classes": c, "chunk_rows": chunk_rows, "topk": topk}
-
-        # rank 0 creates or checks the store; the others learn the verdict before touching it
-        error = None
-        if rank == 0:
-            try:
-                prepare_store(out, attrs, overwrite)
-            except UserError as e:
-                error = str(e)
-        if distributed:
-            verdict = [error]
-            dist.broadcast_object_list(verdict, src=0)
-            error = verdict[0]
-        if error:
-            raise UserError(error)
-
-        group = open_store(out, "r+")
-        done = group["chunks_done"][:]
-        todo = [k for k in range(len(done)) if k % world == rank and not done[k]]
+        attrs = store.root_attrs(store.LOGITS_KIND, info, teacher=teacher, **ident, teacher_accuracy=None,
+                                 command=shlex.join(sys.argv), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                 chunk_rows=chunk_rows, topk=topk)
+        _prepare_on_rank0(out, attrs, overwrite, distributed)
+        group = store.open_store(out, "r+")
+        done = group[store.CHUNKS_DONE][:]
+        todo = [k for k in range(len(done)) if k % world_size() == rank() and not done[k]]
         if todo:
             _run(model, group, info, todo, batch_size=batch_size, chunk_rows=chunk_rows, topk=topk,
-                 dev=dev, workers=workers, progress=progress and rank == 0)
+                 dev=dev, workers=workers, progress=progress and rank() == 0)
         if distributed:
             dist.barrier()
-        if rank == 0:
-            flags = group["chunks_done"][:]
-            if not flags.all():  # another rank failed; its chunks stay to do
-                raise UserError(f"store {out} is incomplete: {int((flags == 0).sum())} of {len(flags)} "
-                                "chunks missing (run the same kdcache dump again to finish it)")
-            accuracy = float(group["chunk_correct"][:].sum() / n)
-            group.update_attributes({"teacher_accuracy": accuracy,
-                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        if rank() == 0:
+            _finish(group, out, info.size)
         if distributed:
             dist.barrier()
-        return open_store(out, "r").attrs.asdict()
+        return store.open_store(out, "r").attrs.asdict()
     finally:
         if distributed:
             dist.destroy_process_group()
+
+
+def _check_options(info: DatasetInfo, batch_size: int, chunk_rows: int, topk: int | None) -> None:
+    if info.split != "train":
+        raise UserError(f"--data must be the training split's beton; {info.path} is the {info.split} split")
+    if batch_size < 1 or chunk_rows < 1:
+        raise UserError("--batch-size and --chunk-rows must be positive")
+    if chunk_rows % batch_size:
+        # then a resumed or multi-process dump sees exactly the batches of a single uninterrupted
+        # one, and so writes identical values
+        raise UserError(f"--chunk-rows ({chunk_rows}) must be a multiple of --batch-size ({batch_size})")
+    if topk is not None and not 0 < topk < info.num_classes:
+        raise UserError(f"--topk must be between 1 and {info.num_classes - 1} (the dataset has "
+                        f"{info.num_classes} classes)")
+
+
+def _prepare_on_rank0(out: str, attrs: dict, overwrite: bool, distributed: bool) -> None:
+    """Rank 0 creates or checks the store; the others learn the verdict before touching it."""
+    error = None
+    if rank() == 0:
+        try:
+            prepare_store(out, attrs, overwrite)
+        except UserError as e:
+            error = str(e)
+    if distributed:
+        verdict = [error]
+        dist.broadcast_object_list(verdict, src=0)
+        error = verdict[0]
+    if error:
+        raise UserError(error)
+
+
+def _finish(group, out: str, num_samples: int) -> None:
+    flags = group[store.CHUNKS_DONE][:]
+    if not flags.all():  # another rank failed; its chunks stay to do
+        raise UserError(f"store {out} is incomplete: {int((flags == 0).sum())} of {len(flags)} "
+                        "chunks missing (run the same kdcache dump again to finish it)")
+    accuracy = float(group[store.CHUNK_CORRECT][:].sum() / num_samples)
+    group.update_attributes({"teacher_accuracy": accuracy, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 def _run(model, group, info: dict, todo: list[int], *, batch_size: int, chunk_rows: int, topk: int | None,
          dev: torch.device, workers: int, progress: bool) -> None:
     from tqdm import tqdm
 
-    n = info["size"]
+    n = info.size
     indices = np.concatenate([np.arange(k * chunk_rows, min((k + 1) * chunk_rows, n)) for k in todo])
     batches = Batches(info, batch_size=batch_size, train=False, device=dev, indices=indices,
                       num_workers=workers)
@@ -330,7 +292,7 @@ def _run(model, group, info: dict, todo: list[int], *, batch_size: int, chunk_ro
     writer = _Writer(group, int(die_after) if die_after else None)
     writer.start()
     chunks = _Chunks(n, chunk_rows, writer)
-    idx_dtype = index_dtype(info["num_classes"])
+    idx_dtype = store.index_dtype(info.num_classes)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
     pending = None
     try:

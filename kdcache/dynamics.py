@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import __version__
+from . import store
+from .device import rank
 from .errors import UserError
-from .store import SCHEMA_VERSION, check_dataset, open_store, write_score
 
 ARRAYS = ("prob", "correct", "el2n", "margin")
 DYNUNC_WINDOW = 10  # He et al. 2023 use J = 10
@@ -65,7 +65,8 @@ def early_epoch(epochs: int, fraction: float) -> int:
 
 def el2n_early(el2n_runs: list[np.ndarray], epoch: int) -> np.ndarray:
     """Paul et al. 2021: EL2N at `epoch`, averaged over runs (seeds). A sample not seen at `epoch` in
-    a run (a dropped last batch) takes that run's value from its nearest seen epoch (earlier on a tie)."""
+    a run (one trained on a subset, or resumed past that epoch) takes that run's value from its nearest
+    seen epoch (earlier on a tie)."""
     values = []
     for el2n in el2n_runs:
         el2n = np.asarray(el2n, dtype=np.float64)
@@ -109,10 +110,6 @@ def aum(margin: np.ndarray) -> np.ndarray:
         return np.nanmean(np.asarray(margin, dtype=np.float64), axis=1).astype(np.float32)
 
 
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
 class DynamicsRecorder:
     """Accumulates the dynamics of one training run on the device and writes one column per epoch.
 
@@ -120,8 +117,10 @@ class DynamicsRecorder:
     at the end to derive the scores. Under torch.distributed every rank calls all three; only rank 0
     touches the store."""
 
-    def __init__(self, url: str, info: dict, epochs: int, *, run: str = "seed0",
+    def __init__(self, url: str, info, epochs: int, *, run: str = "seed0", labels: np.ndarray | None = None,
                  early_fraction: float = 0.2, device: str | torch.device = "cpu", resume: bool = False):
+        """`info`: the training split's DatasetInfo; `labels`: its labels in index order, stored with the
+        dynamics so that `kdcache select --store` needs no beton (read from the beton when not given)."""
         if epochs < 1:
             raise UserError(f"cannot record dynamics over {epochs} epochs")
         if not 0 < early_fraction <= 1:
@@ -129,40 +128,40 @@ class DynamicsRecorder:
         if not run or "/" in run:
             raise UserError(f"bad dynamics run name {run!r}")
         self.url, self.run, self.epochs, self.early_fraction = str(url), run, epochs, early_fraction
-        self.num_samples = int(info["splits"]["train"]["size"])
+        self.num_samples = info.size
         self.device = torch.device(device)
         # rows: summed prob, correct, el2n, margin, and the number of times the sample was seen
         self.buffers = torch.zeros(5, self.num_samples, dtype=torch.float32, device=self.device)
-        self.rank = _rank()
-        self.group = None
+        self.rank = rank()
+        self.root = self.group = None
         self._check(info)  # every rank, read-only, so a bad store fails on all ranks alike
         if self.rank == 0:
-            self.group = self._open(info, resume)
+            self.root = self._open_root(info, labels)
+            self.group = self._open_run(resume)
 
-    def _check(self, info: dict) -> None:
+    def _check(self, info) -> None:
         try:
-            root = open_store(self.url, "r")
+            root = store.open_store(self.url, "r")
         except UserError:
             return  # no store yet: rank 0 creates it
-        if "fingerprint" in root.attrs:
-            check_dataset(root, info)
+        if store.TRAIN_FINGERPRINT in root.attrs:
+            store.check_dataset(root, info.train_fingerprint, info.path)
         elif any(True for _ in root.members()):
-            raise UserError(f"{self.url} holds data but is not a kdcache store (no fingerprint)")
+            raise UserError(f"{self.url} holds data but is not a kdcache store (no {store.TRAIN_FINGERPRINT})")
 
-    def _open(self, info: dict, resume: bool):
-        root = open_store(self.url, "a")
-        if "fingerprint" not in root.attrs:
-            manifest = {k: v for k, v in info.items() if k not in ("split", "path", "size", "split_fingerprint")}
-            root.attrs.update({"kind": "dynamics", "schema_version": SCHEMA_VERSION,
-                               "fingerprint": info["splits"]["train"]["fingerprint"], "manifest": manifest,
-                               "num_samples": self.num_samples, "num_classes": int(info["num_classes"]),
-                               "kdcache_version": __version__})
-        if "labels" not in root:  # lets `kdcache select --store` work without --data
-            from .beton import beton_labels
-            labels = beton_labels(info["path"])
-            root.create_array("labels", shape=labels.shape, dtype="int64",
-                              chunks=(min(65536, len(labels)),))[:] = labels
-        name = f"dynamics/{self.run}"
+    def _open_root(self, info, labels: np.ndarray | None):
+        root = store.open_store(self.url, "a")
+        if store.TRAIN_FINGERPRINT not in root.attrs:
+            root.attrs.update(store.root_attrs(store.DYNAMICS_KIND, info))
+        if store.LABELS not in root:
+            if labels is None:
+                from .beton import beton_labels
+                labels = beton_labels(info.path)
+            store.write_labels(root, labels)
+        return root
+
+    def _open_run(self, resume: bool):
+        root, name = self.root, f"{store.DYNAMICS}/{self.run}"
         if resume and name in root and all(a in root[name] for a in ARRAYS):
             group = root[name]
             if group["prob"].shape[0] != self.num_samples:
@@ -174,9 +173,9 @@ class DynamicsRecorder:
                 done = [e for e in group.attrs.get("epochs_written", []) if e < self.epochs]
                 group.attrs.update({"epochs": self.epochs, "epochs_written": done})
             return group
-        group = root.require_group("dynamics").require_group(self.run, overwrite=True)
+        group = root.require_group(store.DYNAMICS).require_group(self.run, overwrite=True)
         # one zarr chunk per (row block, epoch): writing an epoch's column never rewrites other epochs
-        chunks = (min(65536, self.num_samples), 1)
+        chunks = (min(store.WHOLE_ARRAY_ROWS, self.num_samples), 1)
         for a in ARRAYS:
             int8 = a == "correct"
             group.create_array(a, shape=(self.num_samples, self.epochs), dtype="int8" if int8 else "float32",
@@ -225,8 +224,7 @@ class DynamicsRecorder:
         their names (on rank 0; other ranks return [])."""
         if self.rank != 0:
             return []
-        root = open_store(self.url, "a")
-        return write_dynamics_scores(root, early_fraction=self.early_fraction)
+        return write_dynamics_scores(self.root, early_fraction=self.early_fraction)
 
 
 # name -> (higher_is_harder, description)
@@ -243,13 +241,13 @@ SCORES = {
 
 def _runs(root) -> dict:
     """Every complete run under dynamics/: {run name: group}."""
-    if "dynamics" not in root:
+    if store.DYNAMICS not in root:
         return {}
-    return {name: group for name, group in sorted(root["dynamics"].groups()) if all(a in group for a in ARRAYS)}
+    return {name: group for name, group in sorted(root[store.DYNAMICS].groups()) if all(a in group for a in ARRAYS)}
 
 
 def write_dynamics_scores(root, *, early_fraction: float = 0.2, window: int = DYNUNC_WINDOW,
-                          block_rows: int = 65536) -> list[str]:
+                          block_rows: int = store.WHOLE_ARRAY_ROWS) -> list[str]:
     """Compute forgetting, el2n_early, dynunc and aum from all recorded runs (mean over runs); write
     them to scores/; return the names written. Works through row blocks to bound memory."""
     runs = _runs(root)
@@ -278,6 +276,6 @@ def write_dynamics_scores(root, *, early_fraction: float = 0.2, window: int = DY
             continue
         with np.errstate(invalid="ignore", divide="ignore"):
             score = np.where(counts[name] > 0, sums[name] / counts[name], np.nan)
-        write_score(root, name, score, higher_is_harder=higher_is_harder, description=description)
+        store.write_score(root, name, score, higher_is_harder=higher_is_harder, description=description)
         written.append(name)
     return written

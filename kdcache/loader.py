@@ -6,11 +6,15 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from .beton import DatasetInfo
 
-def _pipelines(info: dict, augment: bool, size: int, small: bool) -> dict:
+
+def _pipelines(augment: bool, size: int, small: bool) -> dict:
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
     from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, ToTensor, ToTorchImage
+
+    from .beton import CROP_RATIO
 
     if small:
         image = [SimpleRGBImageDecoder()]
@@ -19,7 +23,7 @@ def _pipelines(info: dict, augment: bool, size: int, small: bool) -> dict:
     elif augment:
         image = [RandomResizedCropRGBImageDecoder((size, size)), RandomHorizontalFlip()]
     else:
-        image = [CenterCropRGBImageDecoder((size, size), ratio=224 / 256)]
+        image = [CenterCropRGBImageDecoder((size, size), ratio=CROP_RATIO)]
     image += [ToTensor(), ToTorchImage(channels_last=True)]
     return {"image": image, "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]}
 
@@ -31,28 +35,25 @@ class Batches:
     `train` means random order and augmentation (unless `augment` says otherwise); otherwise the
     samples come in index order, unaugmented, every one of them."""
 
-    def __init__(self, info: dict, *, batch_size: int, train: bool, device: torch.device | str = "cpu",
+    def __init__(self, info: DatasetInfo, *, batch_size: int, train: bool, device: torch.device | str = "cpu",
                  indices: Sequence[int] | None = None, seed: int = 0, distributed: bool = False,
                  num_workers: int = -1, augment: bool | None = None):
         from ffcv.loader import Loader, OrderOption
 
-        from .beton import image_size
-
         self.device = torch.device(device)
-        self.size = image_size(info)
-        small = info["image_shape"] is not None
+        self.size = info.image_size
         if indices is not None:
             indices = np.sort(np.asarray(indices, dtype=np.int64))
         self.loader = Loader(
-            info["path"], batch_size=batch_size, num_workers=num_workers,
+            info.path, batch_size=batch_size, num_workers=num_workers,
             order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, seed=seed,
             indices=indices, distributed=distributed,
             # Never drop a partial batch: an epoch visits every selected sample exactly once (BatchNorm
             # in conv layers normalises over N*H*W, so even a last batch of one sample is fine).
             drop_last=False,
-            pipelines=_pipelines(info, train if augment is None else augment, self.size, small))
-        self.mean = torch.tensor(info["mean"], device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(info["std"], device=self.device).view(1, 3, 1, 1)
+            pipelines=_pipelines(train if augment is None else augment, self.size, info.small))
+        self.mean = torch.tensor(info.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(info.std, device=self.device).view(1, 3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -15,9 +15,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
+from .files import atomic
 
 SMALL_IMAGE = 64
 CIFAR_RESNETS = {"resnet8": 1, "resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}
+ARCH_HELP = ("a CIFAR ResNet (" + ", ".join(CIFAR_RESNETS) + ") or any torchvision classifier by its name "
+             "(e.g. resnet18, resnet50; small images get a small-image stem)")
 
 
 class _Block(nn.Module):
@@ -120,11 +123,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, arch: str, num_classe
     """Write a checkpoint `load_checkpoint` (and so `kdcache dump --checkpoint`) accepts, atomically."""
     model = getattr(model, "module", model)  # unwrap DDP
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"arch": arch, "num_classes": num_classes, "image_size": image_size,
-                "state_dict": model.state_dict(), **meta}, tmp)
-    tmp.replace(path)
+    with atomic(path) as tmp:
+        torch.save({"arch": arch, "num_classes": num_classes, "image_size": image_size,
+                    "state_dict": model.state_dict(), **meta}, tmp)
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
@@ -140,6 +141,20 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     model = build_model(arch, num_classes, size)
     model.load_state_dict(ckpt.pop("state_dict"))
     return model.to(device).eval(), ckpt
+
+
+def load_teacher_checkpoint(path: str | Path, arch: str, num_classes: int, image_size: int,
+                            device: torch.device | str = "cpu") -> nn.Module:
+    """A teacher checkpoint checked against what it must match: its architecture, the dataset's
+    classes and image size. One validator for the dump and for an online teacher."""
+    model, meta = load_checkpoint(path, "cpu")
+    if meta["arch"] != arch:
+        raise UserError(f"teacher {arch} asked for, but {path} holds a {meta['arch']}")
+    if meta["num_classes"] != num_classes:
+        raise UserError(f"{path} predicts {meta['num_classes']} classes but the dataset has {num_classes}")
+    if meta["image_size"] != image_size:
+        raise UserError(f"{path} was built for {meta['image_size']} px images but the dataset's are {image_size} px")
+    return model.to(device, memory_format=torch.channels_last).eval()
 
 
 def sha256_file(path: str | Path) -> str:

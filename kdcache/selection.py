@@ -2,15 +2,28 @@
 coverage-centric selection (CCS, Zheng et al. 2023). Output: sorted sample indices plus a JSON sidecar."""
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError
-from .files import write_json
+from .files import save_npy, write_json
 
 METHODS_HELP = "random, ccs, or any score in the store (e.g. el2n, forgetting)"
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    """How to choose a subset, with the defaults every front end shows (one place for them)."""
+
+    method: str = "random"
+    fraction: float = 1.0
+    keep: str = "hard"            # which end of a score: the hardest samples (as in the papers) or the easiest
+    class_balanced: bool = False  # the same fraction of every class
+    ccs_beta: float = 0.1         # CCS: fraction of hardest samples dropped first (Zheng et al. 2023)
+    ccs_strata: int = 50          # CCS: equal-width score strata
+    ccs_score: str = "el2n"       # CCS: the score that defines the strata
 
 
 def budget(fraction: float, n: int) -> int:
@@ -69,8 +82,8 @@ def ccs_allocate(strata_sizes: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def ccs(hardness: np.ndarray, n: int, rng: np.random.Generator, *, beta: float = 0.1,
-        strata: int = 50) -> np.ndarray:
+def ccs(hardness: np.ndarray, n: int, rng: np.random.Generator, *, beta: float = SelectOptions.ccs_beta,
+        strata: int = SelectOptions.ccs_strata) -> np.ndarray:
     """Coverage-centric selection: drop the hardest `beta` fraction (fewer if the rest could not
     fill the budget), cut the remaining score range into `strata` equal-width strata, allocate the
     budget with `ccs_allocate` and sample uniformly inside each stratum. Returns positions."""
@@ -88,8 +101,8 @@ def ccs(hardness: np.ndarray, n: int, rng: np.random.Generator, *, beta: float =
 
 
 def select(method: str, fraction: float, labels: np.ndarray, *, hardness: np.ndarray | None = None,
-           keep: str = "hard", class_balanced: bool = False, seed: int = 0,
-           ccs_beta: float = 0.1, ccs_strata: int = 50) -> np.ndarray:
+           keep: str = SelectOptions.keep, class_balanced: bool = False, seed: int = 0,
+           ccs_beta: float = SelectOptions.ccs_beta, ccs_strata: int = SelectOptions.ccs_strata) -> np.ndarray:
     """Sorted unique int64 sample indices, exactly round(fraction * N) of them (at least 1).
 
     `method` is "random", "ccs", or the name of a score whose values (oriented higher = harder) are
@@ -133,26 +146,45 @@ def select(method: str, fraction: float, labels: np.ndarray, *, hardness: np.nda
 
 
 def _store_labels(group, n: int | None) -> np.ndarray | None:
-    if "labels" not in group:
+    from .store import LABELS
+    if LABELS not in group:
         return None
-    labels = group["labels"][:]
+    labels = group[LABELS][:]
     return labels.astype(np.int64) if n is None or len(labels) == n else None
 
 
-def choose_subset(info: dict | None, method: str, fraction: float, *, store: str | None = None,
-                  keep: str = "hard", class_balanced: bool = False, seed: int = 0,
-                  ccs_beta: float = 0.1, ccs_strata: int = 50, ccs_score: str = "el2n") -> tuple[np.ndarray, dict]:
-    """Validate the request, load labels and the score, and select. `info` is
-    `dataset_info(train beton)`; it may be None when the store holds a `labels` array (then the
-    dataset check is skipped). Returns (indices, sidecar) for `save_selection`."""
+def _labels(info, group, store: str | None, labels: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """The training labels and the number of classes: from the beton when `info` is given (unless the
+    caller has them already), else from the store."""
+    if info is not None:
+        if labels is None:
+            from .beton import beton_labels
+            labels = beton_labels(info.path)
+        return labels, info.num_classes
+    labels = _store_labels(group, None)
+    if labels is None:
+        raise UserError(f"store {store} has no labels array: pass the training beton with --data")
+    manifest = group.attrs.get("manifest") or {}
+    return labels, int(group.attrs.get("num_classes") or manifest.get("num_classes") or labels.max() + 1)
+
+
+def choose_subset(info, method: str, fraction: float, *, store: str | None = None,
+                  keep: str = SelectOptions.keep, class_balanced: bool = SelectOptions.class_balanced,
+                  seed: int = 0, ccs_beta: float = SelectOptions.ccs_beta, ccs_strata: int = SelectOptions.ccs_strata,
+                  ccs_score: str = SelectOptions.ccs_score,
+                  labels: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """Validate the request, load labels and the score, and select. `info` is the training split's
+    DatasetInfo; it may be None when the store holds a `labels` array (then the dataset check is
+    skipped). `labels`, when the caller has read them already, saves reading the beton's. Returns
+    (indices, sidecar) for `save_selection`."""
     from .store import check_dataset, open_store, read_score
     from .store import hardness as read_hardness
 
     _check_options(fraction, keep, ccs_beta, ccs_strata)
     if not method:
         raise UserError(f"no selection method given: {METHODS_HELP}")
-    if info is not None and info.get("split") not in (None, "train"):
-        raise UserError(f"{info['path']} is the {info['split']} split; select from the training beton")
+    if info is not None and info.split != "train":
+        raise UserError(f"{info.path} is the {info.split} split; select from the training beton")
     score = None if method == "random" else ccs_score if method == "ccs" else method
     if store is None and (score is not None or info is None):
         need = f"--method {method}" if score is not None else "without --data, selection"
@@ -162,22 +194,12 @@ def choose_subset(info: dict | None, method: str, fraction: float, *, store: str
     if store is not None:
         group = open_store(store, "r")
         if info is not None:
-            check_dataset(group, info)
+            check_dataset(group, info.train_fingerprint, info.path)
         if score is not None:
             read_score(group, score)  # a missing score: one line listing the ones the store has
             values = read_hardness(group, score)
 
-    if info is not None:
-        from .beton import beton_labels
-        labels = beton_labels(info["path"])
-        num_classes = int(info["num_classes"])
-    else:
-        labels = _store_labels(group, None)
-        if labels is None:
-            raise UserError(f"store {store} has no labels array: pass the training beton with --data")
-        manifest = group.attrs.get("manifest") or {}
-        num_classes = int(group.attrs.get("num_classes") or manifest.get("num_classes") or labels.max() + 1)
-
+    labels, num_classes = _labels(info, group, store, labels)
     indices = select(method, fraction, labels, hardness=values, keep=keep, class_balanced=class_balanced,
                      seed=seed, ccs_beta=ccs_beta, ccs_strata=ccs_strata)
     sidecar = {
@@ -194,7 +216,7 @@ def choose_subset(info: dict | None, method: str, fraction: float, *, store: str
     if method == "ccs":
         sidecar.update({"ccs_beta": ccs_beta, "ccs_strata": ccs_strata})
     if info is not None:
-        sidecar["dataset_fingerprint"] = info["splits"]["train"]["fingerprint"]
+        sidecar["train_fingerprint"] = info.train_fingerprint
     return indices, sidecar
 
 
@@ -207,8 +229,5 @@ def save_selection(path: str | Path, indices: np.ndarray, sidecar: dict) -> None
     name and a rename, so neither is ever seen half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:  # a file object: np.save would otherwise append .npy to the name
-        np.save(f, np.asarray(indices, dtype=np.int64))
-    os.replace(tmp, path)
+    save_npy(path, np.asarray(indices, dtype=np.int64))
     write_json(sidecar_path(path), sidecar)

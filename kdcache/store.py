@@ -1,17 +1,43 @@
 """Zarr stores of per-sample arrays, indexed by the dataset's sample index.
 
 Both the teacher-logit cache (`kdcache dump`) and training-dynamics stores (`--record-dynamics`)
-follow these conventions: the root attribute `fingerprint` is the training split's fingerprint from
-the dataset manifest, and per-sample difficulty scores live in `scores/<name>` as (N,) float32.
+follow one layout, owned by this module: the root attribute `train_fingerprint` is the training
+split's fingerprint from the dataset manifest, and per-sample difficulty scores live in
+`scores/<name>` as (N,) float32. Other modules use the names below, never bare strings.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import zarr
 
+from . import __version__
 from .errors import UserError
 
-SCHEMA_VERSION = 1
+# --- the layout: every kind, array and shared attribute name of a kdcache store, defined here once ---
+SCHEMA_VERSION = 2
+KIND = "kind"                            # root attribute: what the store holds
+LOGITS_KIND = "teacher-logits"           # written by `kdcache dump`
+DYNAMICS_KIND = "dynamics"               # written by `kdcache train --record-dynamics`
+TRAIN_FINGERPRINT = "train_fingerprint"  # root attribute: the training split the store describes
+LOGITS = "logits"                        # (N, C) float16 teacher logits
+TOPK_VALUES = "topk_values"              # (N, K) float16 top-k log-probabilities ...
+TOPK_INDICES = "topk_indices"            # (N, K) ... and their classes, smallest unsigned type
+LABELS = "labels"                        # (N,) int64
+CHUNKS_DONE = "chunks_done"              # (chunks,) uint8: 1 once that chunk's rows are all written
+CHUNK_CORRECT = "chunk_correct"          # (chunks,) int64: the teacher's correct predictions per chunk
+SCORES = "scores"                        # group: scores/<name> (N,) float32, attrs higher_is_harder, description
+DYNAMICS = "dynamics"                    # group: dynamics/<run>/<array> (N, epochs), see kdcache.dynamics
+BOOKKEEPING = (CHUNKS_DONE, CHUNK_CORRECT)
+WHOLE_ARRAY_ROWS = 65536                 # rows per zarr chunk of arrays written whole (labels, scores)
+
+
+def root_attrs(kind: str, info, **extra) -> dict:
+    """The root attributes every kdcache store starts with; `info` is the training split's DatasetInfo."""
+    return {KIND: kind, "schema_version": SCHEMA_VERSION, TRAIN_FINGERPRINT: info.train_fingerprint,
+            "manifest": info.manifest, "num_samples": info.size, "num_classes": info.num_classes,
+            "kdcache_version": __version__, **extra}
 
 
 def open_store(url: str, mode: str = "r", *, missing_ok: bool = False) -> zarr.Group | None:
@@ -31,6 +57,18 @@ def create_store(url: str, attrs: dict, *, overwrite: bool) -> zarr.Group:
     return _zarr(zarr.create_group, str(url), overwrite=overwrite, attributes=attrs)
 
 
+def existing_store(url: str) -> zarr.Group | None:
+    """The store at `url`, or None where there is nothing; refuses a local folder of other files."""
+    url = str(url)
+    if "://" not in url or url.startswith("file://"):
+        path = Path(url.removeprefix("file://"))
+        if path.exists() and not (path / "zarr.json").exists():
+            if path.is_file() or any(path.iterdir()):
+                raise UserError(f"{url} exists and is not a kdcache store; choose another --out")
+            return None
+    return open_store(url, "r", missing_ok=True)
+
+
 def _zarr(open_or_create, url: str, **options) -> zarr.Group:
     try:
         return open_or_create(store=url.removeprefix("file://"), **options)
@@ -38,19 +76,25 @@ def _zarr(open_or_create, url: str, **options) -> zarr.Group:
         raise UserError(f"cannot open {url}: {e} (install fsspec and the filesystem's package, e.g. s3fs)")
 
 
-def check_dataset(group: zarr.Group, info: dict) -> None:
-    """Refuse a store made from another dataset than the one `info` (from `dataset_info`) describes."""
-    have = group.attrs.get("fingerprint")
-    want = info["splits"]["train"]["fingerprint"]
-    if have != want:
-        raise UserError(f"store {group.store} was made from another dataset (fingerprint {have}, "
-                        f"expected {want} for {info['path']})")
+def check_dataset(group: zarr.Group, train_fingerprint: str, data: str) -> None:
+    """Refuse a store made from another dataset than `data` (a beton whose training split has
+    `train_fingerprint`)."""
+    have = group.attrs.get(TRAIN_FINGERPRINT)
+    if have != train_fingerprint:
+        raise UserError(f"store {group.store} was made from another dataset (train fingerprint {have}, "
+                        f"expected {train_fingerprint} for {data})")
 
 
 def score_names(group: zarr.Group) -> list[str]:
-    if "scores" not in group:
+    if SCORES not in group:
         return []
-    return sorted(name for name, _ in group["scores"].arrays())
+    return sorted(name for name, _ in group[SCORES].arrays())
+
+
+def write_labels(group: zarr.Group, labels: np.ndarray) -> None:
+    labels = np.asarray(labels, dtype=np.int64)
+    group.create_array(LABELS, shape=labels.shape, dtype="int64", chunks=(min(WHOLE_ARRAY_ROWS, len(labels)),),
+                       overwrite=True)[:] = labels
 
 
 def read_score(group: zarr.Group, name: str) -> np.ndarray:
@@ -58,26 +102,23 @@ def read_score(group: zarr.Group, name: str) -> np.ndarray:
     names = score_names(group)
     if name not in names:
         raise UserError(f"store {group.store} has no score {name!r}; it has: {', '.join(names) or 'none'}")
-    return group["scores"][name][:].astype(np.float32)
+    return group[SCORES][name][:].astype(np.float32)
 
 
 def hardness(group: zarr.Group, name: str) -> np.ndarray:
     """The score oriented so that higher means harder (margins, for one, are higher when easier)."""
     values = read_score(group, name)
-    return values if group["scores"][name].attrs.get("higher_is_harder", True) else -values
+    return values if group[SCORES][name].attrs.get("higher_is_harder", True) else -values
 
 
 def write_score(group: zarr.Group, name: str, values: np.ndarray, *, higher_is_harder: bool = True,
-                description: str = "", chunk_rows: int = 65536) -> None:
+                description: str = "", chunk_rows: int = WHOLE_ARRAY_ROWS) -> None:
     values = np.asarray(values, dtype=np.float32)
     create_score(group, name, len(values), higher_is_harder=higher_is_harder, description=description,
                  chunk_rows=chunk_rows)[:] = values
 
 
 # --- the teacher-logit cache written by `kdcache dump` ---------------------------------------------
-
-LOGITS_KIND = "teacher-logits"
-
 
 def index_dtype(num_classes: int) -> np.dtype:
     """The smallest unsigned integer type that holds every class index (0 .. num_classes - 1)."""
@@ -88,21 +129,47 @@ def index_dtype(num_classes: int) -> np.dtype:
 
 
 def create_score(group: zarr.Group, name: str, num_samples: int, *, higher_is_harder: bool = True,
-                 description: str = "", chunk_rows: int = 65536) -> zarr.Array:
+                 description: str = "", chunk_rows: int = WHOLE_ARRAY_ROWS) -> zarr.Array:
     """An empty `scores/<name>` array for writing in row blocks (what `write_score` does at once)."""
-    arr = group.require_group("scores").create_array(
+    arr = group.require_group(SCORES).create_array(
         name, shape=(num_samples,), dtype="float32", chunks=(min(chunk_rows, max(num_samples, 1)),),
         overwrite=True)
     arr.attrs.update({"higher_is_harder": higher_is_harder, "description": description})
     return arr
 
 
+def num_chunks(num_samples: int, chunk_rows: int) -> int:
+    return -(-num_samples // chunk_rows)
+
+
+def create_logit_arrays(group: zarr.Group, *, num_samples: int, num_classes: int, chunk_rows: int,
+                        topk: int | None, scores: dict[str, tuple[bool, str]]) -> None:
+    """The arrays of a logit cache, empty: teacher outputs (full or top-k), labels, `scores` (name ->
+    (higher_is_harder, description)) and the per-chunk bookkeeping, created last: its presence means
+    every other array exists."""
+    n, c = num_samples, num_classes
+    rows = min(chunk_rows, max(n, 1))
+    if topk is None:
+        group.create_array(LOGITS, shape=(n, c), dtype="float16", chunks=(rows, c), overwrite=True)
+    else:
+        group.create_array(TOPK_VALUES, shape=(n, topk), dtype="float16", chunks=(rows, topk), overwrite=True)
+        group.create_array(TOPK_INDICES, shape=(n, topk), dtype=index_dtype(c), chunks=(rows, topk),
+                           overwrite=True)
+    group.create_array(LABELS, shape=(n,), dtype="int64", chunks=(rows,), overwrite=True)
+    for name, (harder, description) in scores.items():
+        create_score(group, name, n, higher_is_harder=harder, description=description, chunk_rows=rows)
+    # one zarr chunk per flag, so that ranks never rewrite each other's
+    m = num_chunks(n, chunk_rows)
+    group.create_array(CHUNK_CORRECT, shape=(m,), dtype="int64", chunks=(1,), fill_value=0, overwrite=True)
+    group.create_array(CHUNKS_DONE, shape=(m,), dtype="uint8", chunks=(1,), fill_value=0, overwrite=True)
+
+
 def chunk_status(group: zarr.Group) -> tuple[int, int]:
     """(chunks done, chunks in all) of a store written chunk by chunk; a store without per-chunk
     completion flags (e.g. training dynamics, written at once) counts as one finished chunk."""
-    if "chunks_done" not in group:
+    if CHUNKS_DONE not in group:
         return 1, 1
-    done = group["chunks_done"][:]
+    done = group[CHUNKS_DONE][:]
     return int(np.count_nonzero(done)), len(done)
 
 
@@ -120,15 +187,16 @@ class LogitCache:
     top-k store), since training asks for random rows every batch.
     """
 
-    def __init__(self, url: str, info: dict | None = None):
+    def __init__(self, url: str, info=None):
+        """`info`: the DatasetInfo of the beton the cache must belong to (None: unchecked)."""
         self.url = str(url)
         self.group = open_store(self.url, "r")
         self.attrs = self.group.attrs.asdict()
-        if self.attrs.get("kind") != LOGITS_KIND:
+        if self.attrs.get(KIND) != LOGITS_KIND:
             raise UserError(f"{self.url} is not a teacher-logit cache (make one with kdcache dump)")
         check_complete(self.group, self.url)
         if info is not None:
-            check_dataset(self.group, info)
+            check_dataset(self.group, info.train_fingerprint, info.path)
         self.num_samples = int(self.attrs["num_samples"])
         self.num_classes = int(self.attrs["num_classes"])
         self.topk = self.attrs.get("topk")
@@ -147,9 +215,9 @@ class LogitCache:
         classes their stored values, every other class an equal share of the remaining mass."""
         indices = np.asarray(indices, dtype=np.int64)
         if self.topk is None:
-            return self._array("logits")[indices].astype(np.float32)
-        values = self._array("topk_values")[indices].astype(np.float32)
-        classes = self._array("topk_indices")[indices].astype(np.int64)
+            return self._array(LOGITS)[indices].astype(np.float32)
+        values = self._array(TOPK_VALUES)[indices].astype(np.float32)
+        classes = self._array(TOPK_INDICES)[indices].astype(np.int64)
         rest = 1.0 - np.exp(values).sum(1, keepdims=True)
         # float16 rounding can push the stored mass to (or past) 1: keep the remainder tiny but positive
         rest = np.log(np.maximum(rest, 1e-12) / (self.num_classes - self.topk))
@@ -158,12 +226,12 @@ class LogitCache:
         return out
 
     def labels(self) -> np.ndarray:
-        return self._array("labels").astype(np.int64)
+        return self._array(LABELS).astype(np.int64)
 
 
 def bytes_per_sample(group: zarr.Group) -> int:
     """Bytes of teacher output per sample, uncompressed: C x 2 (full) or K x (2 + index size) (top-k)."""
-    names = ("topk_values", "topk_indices") if "topk_values" in group else ("logits",)
+    names = (TOPK_VALUES, TOPK_INDICES) if TOPK_VALUES in group else (LOGITS,)
     return int(sum(np.prod(group[n].shape[1:]) * group[n].dtype.itemsize for n in names if n in group))
 
 
@@ -176,25 +244,26 @@ def describe_store(url: str) -> dict:
     done, total = chunk_status(group)
     arrays = {}
     for path, arr in sorted(_walk_arrays(group)):
-        if path in ("chunks_done", "chunk_correct"):
+        if path in BOOKKEEPING:
             continue
         arrays[path] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks)}
     rows = None  # rows of finished chunks: statistics over unwritten rows would be fill values
-    if "chunks_done" in group and done < total:
-        flags = group["chunks_done"][:].astype(bool)
+    if CHUNKS_DONE in group and done < total:
+        flags = group[CHUNKS_DONE][:].astype(bool)
         rows = np.repeat(flags, attrs["chunk_rows"])[: attrs["num_samples"]]
     scores = {}
     for name in score_names(group):
-        values = group["scores"][name][:].astype(np.float32)  # read_score refuses incomplete stores
+        values = group[SCORES][name][:].astype(np.float32)  # read_score refuses incomplete stores
         values = values if rows is None else values[rows]
         finite = values[np.isfinite(values)]
         stats = ({"min": float(finite.min()), "median": float(np.median(finite)), "max": float(finite.max())}
                  if len(finite) else {"min": None, "median": None, "max": None})
-        scores[name] = {**stats, "higher_is_harder": bool(group["scores"][name].attrs.get("higher_is_harder", True)),
-                        "description": group["scores"][name].attrs.get("description", "")}
+        attrs_of = group[SCORES][name].attrs
+        scores[name] = {**stats, "higher_is_harder": bool(attrs_of.get("higher_is_harder", True)),
+                        "description": attrs_of.get("description", "")}
     return {
         "url": url,
-        "kind": attrs.get("kind", "scores"),
+        "kind": attrs.get(KIND, "scores"),
         "attrs": attrs,
         "dataset": {k: manifest.get(k) for k in ("source", "num_classes", "image_shape", "fingerprint")},
         "arrays": arrays,

@@ -3,6 +3,10 @@
 Teacher knowledge comes from the logit cache: the selected rows are read once into a device tensor
 and looked up by each batch's sample indices, so a training step never runs a teacher nor reads the
 store. `teacher_online` runs a teacher in the loop instead, as the baseline the cache must beat.
+
+`train(cfg)` validates the configuration, joins torchrun's process group if there is one, and hands
+the rest to a `Trainer`, whose construction names each step of setting up a run and whose `fit` is
+the epoch loop.
 """
 from __future__ import annotations
 
@@ -24,102 +28,73 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import __version__
-from .beton import dataset_info, image_size
-from .device import init_distributed, resolve_device
+from .beton import DatasetInfo, dataset_info
+from .device import init_distributed, rank, resolve_device, world_size
 from .distill import auto_alpha, kd_loss
 from .errors import UserError
-from .files import write_json
+from .files import atomic, save_npy, write_json, write_lines
 from .loader import Batches
-from .models import build_model, load_checkpoint, save_checkpoint
+from .models import build_model, load_teacher_checkpoint, save_checkpoint
+from .selection import SelectOptions
+
+SUMMARY, METRICS, CHECKPOINT = "summary.json", "metrics.jsonl", "last.pt"
+DIE_AFTER_ENV = "KDCACHE_DIE_AFTER_EPOCH"  # tests: SIGKILL this process after that epoch (a hard crash)
 
 
 @dataclass
 class TrainConfig:
-    data: str
-    out: str
-    test: str | None = None
+    """Every option of a training run, with its default: the CLI shows these, config.json records them."""
+
+    data: str                           # the training split's .beton
+    out: str                            # the run folder
+    test: str | None = None             # the test split's .beton (default: test.beton beside `data`)
     arch: str = "resnet20"
-    cache: str | None = None
+    cache: str | None = None            # teacher-logit store from `kdcache dump`
     store: str | None = None            # where selection scores come from (default: the cache)
-    fraction: float = 1.0
-    method: str = "random"
-    keep: str = "hard"
+    # the subset: either chosen here (None: SelectOptions' default) ...
+    fraction: float | None = None
+    method: str | None = None
+    keep: str | None = None
     class_balanced: bool = False
-    indices: str | None = None          # an explicit selection (kdcache select --out), instead of method
-    alpha: str = "auto"                 # a number in [0, 1] or "auto"
+    ccs_beta: float = SelectOptions.ccs_beta
+    ccs_strata: int = SelectOptions.ccs_strata
+    ccs_score: str = SelectOptions.ccs_score
+    indices: str | None = None          # ... or given (kdcache select --out), never both
+    alpha: str = "auto"                 # a number in [0, 1] or "auto" (from the kept fraction)
     temperature: float = 4.0
     epochs: int = 200
     steps: int | None = None            # fixed optimisation steps (equal-compute comparisons)
-    batch_size: int = 128
-    lr: float = 0.1
+    batch_size: int = 128               # per process (so the global batch is this x the world size)
+    lr: float = 0.1                     # peak, SGD with Nesterov momentum (DeepCore's CIFAR default)
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: float = 5e-4          # not on norms and biases
     warmup: float = 0.02                # fraction of all steps spent warming up linearly
     label_smoothing: float = 0.0
-    augment: bool = True
-    seed: int = 0
+    augment: bool = True                # small images: random crop with 4 px padding + flip; else RRC + flip
+    seed: int = 0                       # selection, initialisation and data order
     device: str = "auto"
     amp: str = "bf16"                   # autocast dtype on CUDA: bf16, fp16 or off (CPU: always off)
     compile: bool = False
-    workers: int = -1
+    workers: int = -1                   # FFCV loader threads (-1: all cores)
     eval_every: int = 1
-    teacher_online: str | None = None
+    teacher_online: str | None = None   # run this architecture in the loop instead of reading a cache
     teacher_checkpoint: str | None = None
     record_dynamics: bool = False
-    dynamics_store: str | None = None
+    dynamics_store: str | None = None   # default: OUT/dynamics.zarr, the run's own
     resume: bool = False
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+# --- checking a configuration --------------------------------------------------------------------
 
-
-class Teacher:
-    """Teacher logits for a batch: looked up in the cached rows, or computed by a model online."""
-
-    def __init__(self, cfg: TrainConfig, info: dict, indices: np.ndarray, device: torch.device):
-        self.model = None
-        if cfg.teacher_online:
-            self.model, meta = load_checkpoint(cfg.teacher_checkpoint, device)
-            if meta["arch"] != cfg.teacher_online:
-                raise UserError(f"--teacher-checkpoint holds a {meta['arch']}, not {cfg.teacher_online}")
-            if meta["num_classes"] != info["num_classes"]:
-                raise UserError(f"the teacher predicts {meta['num_classes']} classes, "
-                                f"the dataset has {info['num_classes']}")
-            self.model = self.model.to(memory_format=torch.channels_last)
-            return
-        from .store import LogitCache
-        cache = LogitCache(cfg.cache, info)
-        if cache.num_classes != info["num_classes"]:
-            raise UserError(f"cache {cfg.cache} has {cache.num_classes} classes, "
-                            f"the dataset has {info['num_classes']}")
-        self.bytes_per_sample = cache.bytes_per_sample
-        # Only the selected rows, once; then a batch is one gather on the device.
-        self.rows = torch.from_numpy(cache.logits(indices)).to(device)
-        self.position = torch.full((info["size"],), -1, dtype=torch.long)
-        self.position[torch.from_numpy(indices)] = torch.arange(len(indices))
-        self.position = self.position.to(device)
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        if self.model is not None:
-            return self.model(x).float()
-        return self.rows[self.position[index]]
-
-
-def _validate(cfg: TrainConfig) -> tuple[dict, dict, float | None]:
+def validate(cfg: TrainConfig) -> tuple[DatasetInfo, DatasetInfo, float | None]:
     """Check every input before any training starts; return train info, test info, numeric alpha."""
-    if not 0 < cfg.fraction <= 1:
+    chosen = [f"--{name.replace('_', '-')}" for name in ("fraction", "method", "keep", "class_balanced")
+              if getattr(cfg, name) not in (None, False)]
+    if cfg.indices and chosen:
+        raise UserError(f"--indices gives the subset; drop {', '.join(chosen)} (or drop --indices)")
+    if cfg.fraction is not None and not 0 < cfg.fraction <= 1:
         raise UserError(f"--fraction must be in (0, 1], got {cfg.fraction}")
-    if cfg.alpha != "auto":
-        try:
-            alpha = float(cfg.alpha)
-        except ValueError:
-            raise UserError(f"--alpha must be a number in [0, 1] or 'auto', got {cfg.alpha!r}")
-        if not 0 <= alpha <= 1:
-            raise UserError(f"--alpha must be in [0, 1], got {alpha}")
-    else:
-        alpha = None
+    alpha = _alpha(cfg.alpha)
     for name in ("epochs", "batch_size", "eval_every"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -130,7 +105,7 @@ def _validate(cfg: TrainConfig) -> tuple[dict, dict, float | None]:
     if not Path(test_path).is_file():
         raise UserError(f"test set not found: {test_path} (pass --test)")
     test_info = dataset_info(test_path)
-    if test_info["fingerprint"] != info["fingerprint"]:
+    if test_info.dataset_fingerprint != info.dataset_fingerprint:
         raise UserError(f"{test_path} belongs to another dataset than {cfg.data}")
     if (alpha is None or alpha > 0) and not (cfg.cache or cfg.teacher_online):
         raise UserError(f"alpha {cfg.alpha} needs a teacher: pass --cache (or --teacher-online), or --alpha 0")
@@ -143,18 +118,111 @@ def _validate(cfg: TrainConfig) -> tuple[dict, dict, float | None]:
     return info, test_info, alpha
 
 
-def _select(cfg: TrainConfig, info: dict) -> tuple[np.ndarray, dict]:
+def _alpha(text: str) -> float | None:
+    """The numeric alpha, or None for auto."""
+    if text == "auto":
+        return None
+    try:
+        alpha = float(text)
+    except ValueError:
+        raise UserError(f"--alpha must be a number in [0, 1] or 'auto', got {text!r}")
+    if not 0 <= alpha <= 1:
+        raise UserError(f"--alpha must be in [0, 1], got {alpha}")
+    return alpha
+
+
+def select_subset(cfg: TrainConfig, info: DatasetInfo, labels: np.ndarray | None) -> tuple[np.ndarray, dict]:
+    """The sorted sample indices to train on, and how they were chosen."""
     if cfg.indices:
         try:
             indices = np.unique(np.load(cfg.indices).astype(np.int64))
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read indices from {cfg.indices}: {e}")
-        if len(indices) == 0 or indices[0] < 0 or indices[-1] >= info["size"]:
-            raise UserError(f"{cfg.indices} holds indices outside 0..{info['size'] - 1} (or none)")
+        if len(indices) == 0 or indices[0] < 0 or indices[-1] >= info.size:
+            raise UserError(f"{cfg.indices} holds indices outside 0..{info.size - 1} (or none)")
         return indices, {"method": "file", "source": cfg.indices}
     from .selection import choose_subset
-    return choose_subset(info, cfg.method, cfg.fraction, store=cfg.store or cfg.cache, keep=cfg.keep,
-                         class_balanced=cfg.class_balanced, seed=cfg.seed)
+    d = SelectOptions()
+    return choose_subset(info, cfg.method or d.method, d.fraction if cfg.fraction is None else cfg.fraction,
+                         store=cfg.store or cfg.cache, keep=cfg.keep or d.keep, class_balanced=cfg.class_balanced,
+                         seed=cfg.seed, ccs_beta=cfg.ccs_beta, ccs_strata=cfg.ccs_strata, ccs_score=cfg.ccs_score,
+                         labels=labels)
+
+
+# --- teachers: one call signature, (images, sample indices) -> logits ----------------------------
+
+class CachedTeacher:
+    """Looks a batch's teacher rows up by sample index: the selected rows of the cache are read once
+    into a device tensor, so a step is one gather."""
+
+    def __init__(self, cache, indices: np.ndarray, num_samples: int, device: torch.device):
+        self.bytes_per_sample = cache.bytes_per_sample
+        self.rows = torch.from_numpy(cache.logits(indices)).to(device)
+        position = torch.full((num_samples,), -1, dtype=torch.long)
+        position[torch.from_numpy(indices)] = torch.arange(len(indices))
+        self.position = position.to(device)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self.rows[self.position[index]]
+
+
+class OnlineTeacher:
+    """Runs the teacher on the batch: the baseline a cache must match."""
+
+    bytes_per_sample = None
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self.model(x).float()
+
+
+def make_teacher(cfg: TrainConfig, info: DatasetInfo, indices: np.ndarray,
+                 device: torch.device) -> CachedTeacher | OnlineTeacher:
+    if cfg.teacher_online:
+        return OnlineTeacher(load_teacher_checkpoint(cfg.teacher_checkpoint, cfg.teacher_online, info.num_classes,
+                                                     info.image_size, device))
+    from .store import LogitCache
+    cache = LogitCache(cfg.cache, info)
+    if cache.num_classes != info.num_classes:
+        raise UserError(f"cache {cfg.cache} has {cache.num_classes} classes, the dataset has {info.num_classes}")
+    return CachedTeacher(cache, indices, info.size, device)
+
+
+# --- the pieces of a run -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Schedule:
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+    warmup_steps: int
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, steps_per_epoch: int) -> Schedule:
+        total = cfg.steps or cfg.epochs * steps_per_epoch
+        return cls(steps_per_epoch, total, math.ceil(total / steps_per_epoch), int(cfg.warmup * total))
+
+
+def lr_at(step: int, total: int, warmup_steps: int, peak: float) -> float:
+    """Linear warm-up to `peak`, then cosine decay to zero, per step."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum; weight decay on weights, not on norms and biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}],
+                           lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
 
 
 @torch.no_grad()
@@ -171,182 +239,230 @@ def evaluate(model: nn.Module, batches: Batches, amp: torch.dtype | None) -> tup
     return loss / count, correct / count
 
 
-def lr_at(step: int, total: int, warmup_steps: int, peak: float) -> float:
-    """Linear warm-up to `peak`, then cosine decay to zero, per step."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total - warmup_steps)
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
 
+
+# --- the run -------------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig) -> dict:
     """Train per `cfg`, writing config.json, metrics.jsonl, indices.npy, model.pt and summary.json
-    into cfg.out; return the summary."""
-    from tqdm import tqdm
-
-    info, test_info, alpha = _validate(cfg)
-    out = Path(cfg.out)
-    if cfg.resume and (out / "summary.json").is_file():
-        return json.loads((out / "summary.json").read_text())  # finished already
-    out.mkdir(parents=True, exist_ok=True)
+    into cfg.out; return the summary (empty on ranks other than 0)."""
+    info, test_info, alpha = validate(cfg)
+    summary = Path(cfg.out) / SUMMARY
+    if cfg.resume and summary.is_file():
+        return json.loads(summary.read_text())  # finished already
     device = resolve_device(cfg.device)
     owns_group = init_distributed(device)
-    rank, world = _rank(), (dist.get_world_size() if dist.is_initialized() else 1)
-    indices, selection = _select(cfg, info)
-    fraction = len(indices) / info["size"]
-    if alpha is None:
-        alpha = auto_alpha(fraction)
-    teacher = Teacher(cfg, info, indices, device) if alpha > 0 else None
-    batch_size = min(cfg.batch_size, len(indices) // world)
-    if batch_size < 2:
-        raise UserError(f"{len(indices)} selected samples are too few to train on {world} process(es)")
+    try:
+        return Trainer(cfg, info, test_info, alpha, device).fit()
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
 
-    torch.manual_seed(cfg.seed)
-    size = image_size(info)
-    model = build_model(cfg.arch, info["num_classes"], size).to(device, memory_format=torch.channels_last)
-    train_batches = Batches(info, batch_size=batch_size, train=True, augment=cfg.augment, device=device,
-                            indices=indices, seed=cfg.seed, distributed=world > 1, num_workers=cfg.workers)
-    test_batches = Batches(test_info, batch_size=512, train=False, device=device, num_workers=cfg.workers)
-    steps_per_epoch = len(train_batches)
-    total_steps = cfg.steps or cfg.epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    warmup_steps = int(cfg.warmup * total_steps)
 
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}],
-                          lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if device.type == "cuda" else None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+class Trainer:
+    """One run. Built in pipeline order: the subset, the teacher, the student and its data, the
+    schedule and optimiser, the run's record (or the checkpoint it resumes), the dynamics recorder."""
 
-    start_epoch, step, elapsed = 0, 0, 0.0
-    ckpt_path = out / "last.pt"
-    selection_hash = hashlib.sha256(indices.tobytes()).hexdigest()
-    config = {**dataclasses.asdict(cfg), "alpha_resolved": alpha, "fraction_kept": fraction,
-              "num_selected": len(indices), "batch_size_used": batch_size, "steps_per_epoch": steps_per_epoch,
-              "total_steps": total_steps, "epochs_run": epochs, "world_size": world, "device": str(device),
-              "dataset_fingerprint": info["fingerprint"], "train_fingerprint": info["split_fingerprint"],
-              "cache_fingerprint": None, "selection": selection, "kdcache_version": __version__,
-              "torch_version": torch.__version__, "command": shlex.join(sys.argv)}
-    if cfg.cache:
-        from .store import open_store
-        config["cache_fingerprint"] = open_store(cfg.cache).attrs.get("fingerprint")
-    if cfg.resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if state["selection_hash"] != selection_hash or state["total_steps"] != total_steps:
-            raise UserError(f"{out} holds a run with another selection or schedule; resume it with its own options")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, step, elapsed = state["epoch"], state["step"], state["elapsed"]
-        train_batches.loader.next_epoch = start_epoch  # FFCV seeds each epoch's order with seed + epoch
-        if rank == 0:  # drop metric lines written after the checkpoint
-            lines = (out / "metrics.jsonl").read_text().splitlines()[:start_epoch]
-            (out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
-    elif rank == 0:
-        (out / "metrics.jsonl").write_text("")
-        (out / "summary.json").unlink(missing_ok=True)
-    if rank == 0:
-        write_json(out / "config.json", config)
-        np.save(out / "indices.npy", indices)
+    def __init__(self, cfg: TrainConfig, info: DatasetInfo, test_info: DatasetInfo, alpha: float | None,
+                 device: torch.device):
+        self.cfg, self.info, self.device = cfg, info, device
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.rank, self.world = rank(), world_size()
+        labels = self._labels()
+        self.indices, self.selection = select_subset(cfg, info, labels)
+        self.fraction = len(self.indices) / info.size
+        self.alpha = auto_alpha(self.fraction) if alpha is None else alpha
+        self.teacher = make_teacher(cfg, info, self.indices, device) if self.alpha > 0 else None
+        self.batch_size = self._batch_size()
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.arch, info.num_classes, info.image_size).to(
+            device, memory_format=torch.channels_last)
+        self.train_batches = Batches(info, batch_size=self.batch_size, train=True, augment=cfg.augment,
+                                     device=device, indices=self.indices, seed=cfg.seed,
+                                     distributed=self.world > 1, num_workers=cfg.workers)
+        self.test_batches = Batches(test_info, batch_size=512, train=False, device=device, num_workers=cfg.workers)
+        self.schedule = Schedule.of(cfg, len(self.train_batches))
+        self.opt = make_optimizer(self.model, cfg)
+        self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if device.type == "cuda" else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.config = self._describe()
+        self.selection_hash = hashlib.sha256(self.indices.tobytes()).hexdigest()
+        self.start_epoch, self.step, self.elapsed = self._restore_or_start()
+        self.recorder = self._recorder(labels)
+        self.net = self._wrap(self.model)
+        self.test_loss = self.test_acc = None
 
-    recorder = None
-    if cfg.record_dynamics:
+    def _labels(self) -> np.ndarray | None:
+        """The training labels, read once for whoever needs them (a selection, the dynamics recorder)."""
+        if self.cfg.indices and not self.cfg.record_dynamics:
+            return None
+        from .beton import beton_labels
+        return beton_labels(self.info.path)
+
+    def _batch_size(self) -> int:
+        batch_size = min(self.cfg.batch_size, len(self.indices) // self.world)
+        if batch_size < 2:
+            raise UserError(f"{len(self.indices)} selected samples are too few to train on {self.world} process(es)")
+        return batch_size
+
+    def _describe(self) -> dict:
+        """What config.json records: the options as given plus everything they resolved to."""
+        s, cfg = self.schedule, self.cfg
+        return {**dataclasses.asdict(cfg), "alpha_resolved": self.alpha, "fraction_kept": self.fraction,
+                "num_selected": len(self.indices), "batch_size_used": self.batch_size,
+                "steps_per_epoch": s.steps_per_epoch, "total_steps": s.total_steps, "epochs_run": s.epochs,
+                "world_size": self.world, "device": str(self.device),
+                "dataset_fingerprint": self.info.dataset_fingerprint, "train_fingerprint": self.info.train_fingerprint,
+                "cache_fingerprint": self.info.train_fingerprint if isinstance(self.teacher, CachedTeacher) else None,
+                "selection": self.selection, "kdcache_version": __version__, "torch_version": torch.__version__,
+                "command": shlex.join(sys.argv)}
+
+    def _restore_or_start(self) -> tuple[int, int, float]:
+        """(first epoch, step, seconds trained): from the last checkpoint when resuming, else a new record."""
+        ckpt, metrics = self.out / CHECKPOINT, self.out / METRICS
+        start = (0, 0, 0.0)
+        if self.cfg.resume and ckpt.is_file():
+            state = torch.load(ckpt, map_location=self.device, weights_only=False)
+            if state["selection_hash"] != self.selection_hash or state["total_steps"] != self.schedule.total_steps:
+                raise UserError(f"{self.out} holds a run with another selection or schedule; "
+                                "resume it with its own options")
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["opt"])
+            self.scaler.load_state_dict(state["scaler"])
+            start = state["epoch"], state["step"], state["elapsed"]
+            self.train_batches.loader.next_epoch = start[0]  # FFCV seeds each epoch's order with seed + epoch
+            if self.rank == 0:  # drop metric lines written after the checkpoint
+                write_lines(metrics, metrics.read_text().splitlines()[:start[0]])
+        elif self.rank == 0:
+            write_lines(metrics, [])
+            (self.out / SUMMARY).unlink(missing_ok=True)
+        if self.rank == 0:
+            write_json(self.out / "config.json", self.config)
+            save_npy(self.out / "indices.npy", self.indices)
+        return start
+
+    def _recorder(self, labels: np.ndarray | None):
+        if not self.cfg.record_dynamics:
+            return None
         from .dynamics import DynamicsRecorder
-        recorder = DynamicsRecorder(cfg.dynamics_store or cfg.cache or str(out / "dynamics.zarr"), info, epochs,
-                                    run=f"seed{cfg.seed}", device=device, resume=start_epoch > 0)
+        return DynamicsRecorder(self.cfg.dynamics_store or str(self.out / "dynamics.zarr"), self.info,
+                                self.schedule.epochs, run=f"seed{self.cfg.seed}", labels=labels,
+                                device=self.device, resume=self.start_epoch > 0)
 
-    net = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        net = torch.compile(net)
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return torch.compile(model) if self.cfg.compile else model
 
-    test_loss = test_acc = None
-    for epoch in range(start_epoch, epochs):
-        net.train()
-        sums = torch.zeros(4, device=device)  # loss, ce, kl, correct (summed over samples)
-        seen, t0 = 0, time.perf_counter()
-        bar = tqdm(train_batches, desc=f"epoch {epoch + 1}/{epochs}", disable=rank != 0, leave=False,
-                   mininterval=1.0, dynamic_ncols=True)
+    # --- the loop ---
+
+    def fit(self) -> dict:
+        for epoch in range(self.start_epoch, self.schedule.epochs):
+            t0 = time.perf_counter()
+            sums = self.train_epoch(epoch)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.end_epoch(epoch, sums, time.perf_counter() - t0)
+        return self.finish()
+
+    def train_epoch(self, epoch: int) -> torch.Tensor:
+        """One pass over this process's share; returns the sums of loss, ce, kl, correct and samples."""
+        from tqdm import tqdm
+
+        self.net.train()
+        sums = torch.zeros(5, device=self.device)
+        t0 = time.perf_counter()
+        bar = tqdm(self.train_batches, desc=f"epoch {epoch + 1}/{self.schedule.epochs}", disable=self.rank != 0,
+                   leave=False, mininterval=1.0, dynamic_ncols=True)
         for x, y, index in bar:
-            if step >= total_steps:
+            if self.step >= self.schedule.total_steps:
                 break
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total_steps, warmup_steps, cfg.lr)
-            with torch.autocast(device.type, amp, enabled=amp is not None):
-                target = teacher(x, index) if teacher is not None else None
-                logits = net(x)
-            loss, ce, kl = kd_loss(logits, target, y, alpha, cfg.temperature, cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            if recorder is not None:
-                recorder.update(index, logits.detach(), y)
-            n = len(y)
-            sums += torch.stack([loss.detach() * n, ce.detach() * n, kl.detach() * n,
-                                 (logits.detach().argmax(1) == y).sum()])
-            seen += n
-            step += 1
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{sums[0].item() / seen:.3f}",
-                                img_s=f"{seen * world / (time.perf_counter() - t0):.0f}")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_time = time.perf_counter() - t0
-        if world > 1:
+            sums += self.train_step(x, y, index)
+            self.step += 1
+            if self.step % 20 == 0:
+                bar.set_postfix(loss=f"{sums[0].item() / sums[4].item():.3f}",
+                                img_s=f"{sums[4].item() * self.world / (time.perf_counter() - t0):.0f}")
+        return sums
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        s, cfg = self.schedule, self.cfg
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, s.total_steps, s.warmup_steps, cfg.lr)
+        with torch.autocast(self.device.type, self.amp, enabled=self.amp is not None):
+            target = self.teacher(x, index) if self.teacher is not None else None
+            logits = self.net(x)
+        loss, ce, kl = kd_loss(logits, target, y, self.alpha, cfg.temperature, cfg.label_smoothing)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        logits = logits.detach()
+        if self.recorder is not None:
+            self.recorder.update(index, logits, y)
+        n = len(y)
+        return torch.stack([loss.detach() * n, ce.detach() * n, kl.detach() * n,
+                            (logits.argmax(1) == y).sum(), torch.tensor(n, device=self.device)])
+
+    def end_epoch(self, epoch: int, sums: torch.Tensor, train_time: float) -> None:
+        """Gather the epoch's sums from every rank, evaluate, log a metrics row, checkpoint."""
+        if self.world > 1:
             dist.all_reduce(sums)
-            seen_t = torch.tensor([seen], device=device)
-            dist.all_reduce(seen_t)
-            seen = int(seen_t.item())
-        else:
-            seen = max(seen, 1)
-        if recorder is not None:
-            recorder.end_epoch(epoch)
-        elapsed += train_time
-        last = epoch == epochs - 1
-        evaluated = rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or last)
+        sums = sums.tolist()
+        seen = max(sums[4], 1)
+        if self.recorder is not None:
+            self.recorder.end_epoch(epoch)
+        self.elapsed += train_time
+        evaluated = self.rank == 0 and ((epoch + 1) % self.cfg.eval_every == 0 or epoch == self.schedule.epochs - 1)
         if evaluated:
-            test_loss, test_acc = evaluate(model, test_batches, amp)
-        row = {"epoch": epoch + 1, "step": step, "lr": opt.param_groups[0]["lr"],
-               "train_loss": sums[0].item() / seen, "train_ce": sums[1].item() / seen,
-               "train_kl": sums[2].item() / seen, "train_acc": sums[3].item() / seen,
-               "test_loss": test_loss if evaluated else None, "test_acc": test_acc if evaluated else None,
-               "images_per_sec": seen / train_time, "elapsed": elapsed}
-        if rank == 0:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(),
-                        "epoch": epoch + 1, "step": step, "elapsed": elapsed, "total_steps": total_steps,
-                        "selection_hash": selection_hash}, ckpt_path.with_suffix(".tmp"))
-            ckpt_path.with_suffix(".tmp").replace(ckpt_path)
-            print(f"epoch {epoch + 1}/{epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
-                  f"test acc {f'{test_acc:.4f}' if evaluated else '-'}  "
-                  f"{row['images_per_sec']:.0f} img/s", flush=True)
-            if os.environ.get("KDCACHE_DIE_AFTER_EPOCH") == str(epoch + 1):  # test hook: a hard crash
-                os.kill(os.getpid(), signal.SIGKILL)
+            self.test_loss, self.test_acc = evaluate(self.model, self.test_batches, self.amp)
+        if self.rank != 0:
+            return
+        row = {"epoch": epoch + 1, "step": self.step, "lr": self.opt.param_groups[0]["lr"],
+               "train_loss": sums[0] / seen, "train_ce": sums[1] / seen, "train_kl": sums[2] / seen,
+               "train_acc": sums[3] / seen, "test_loss": self.test_loss if evaluated else None,
+               "test_acc": self.test_acc if evaluated else None, "images_per_sec": sums[4] / train_time,
+               "elapsed": self.elapsed}
+        with open(self.out / METRICS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.checkpoint(epoch + 1)
+        test = f"{self.test_acc:.4f}" if evaluated else "-"
+        print(f"epoch {epoch + 1}/{self.schedule.epochs}  loss {row['train_loss']:.4f}  "
+              f"train acc {row['train_acc']:.4f}  test acc {test}  {row['images_per_sec']:.0f} img/s", flush=True)
+        if os.environ.get(DIE_AFTER_ENV) == str(epoch + 1):
+            os.kill(os.getpid(), signal.SIGKILL)
 
-    if recorder is not None:
-        recorder.finish()
-    summary = {}
-    if rank == 0:
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    def checkpoint(self, epochs_done: int) -> None:
+        with atomic(self.out / CHECKPOINT) as tmp:
+            torch.save({"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                        "scaler": self.scaler.state_dict(), "epoch": epochs_done, "step": self.step,
+                        "elapsed": self.elapsed, "total_steps": self.schedule.total_steps,
+                        "selection_hash": self.selection_hash}, tmp)
+
+    def finish(self) -> dict:
+        """Scores from the recorded dynamics; on rank 0 the model and, last, the summary."""
+        if self.recorder is not None:
+            self.recorder.finish()
+        summary = {}
+        if self.rank == 0:
+            summary = self._summary(read_metrics(self.out))
+            save_checkpoint(self.out / "model.pt", self.model, arch=self.cfg.arch, num_classes=self.info.num_classes,
+                            image_size=self.info.image_size, test_acc=self.test_acc,
+                            dataset_fingerprint=self.info.dataset_fingerprint, config=self.config)
+            write_json(self.out / SUMMARY, summary)  # last: its presence marks a finished run
+            (self.out / CHECKPOINT).unlink(missing_ok=True)
+        if self.world > 1:
+            dist.barrier()
+        return summary
+
+    def _summary(self, rows: list[dict]) -> dict:
         speeds = [r["images_per_sec"] for r in rows[1:]] or [rows[-1]["images_per_sec"]]  # epoch 1 JIT-compiles
-        summary = {"test_acc": test_acc, "test_loss": test_loss,
-                   "best_test_acc": max(r["test_acc"] for r in rows if r["test_acc"] is not None),
-                   "train_acc": rows[-1]["train_acc"], "epochs": epochs, "steps": step, "alpha": alpha,
-                   "fraction": fraction, "num_selected": len(indices), "images_per_sec": float(np.median(speeds)),
-                   "train_seconds": elapsed, "arch": cfg.arch, "cache_bytes_per_sample":
-                   getattr(teacher, "bytes_per_sample", None)}
-        save_checkpoint(out / "model.pt", model, arch=cfg.arch, num_classes=info["num_classes"], image_size=size,
-                        test_acc=test_acc, dataset_fingerprint=info["fingerprint"], config=config)
-        write_json(out / "summary.json", summary)  # last: its presence marks a finished run
-        ckpt_path.unlink(missing_ok=True)
-    if owns_group:
-        dist.barrier()
-        dist.destroy_process_group()
-    return summary
-
+        return {"test_acc": self.test_acc, "test_loss": self.test_loss,
+                "best_test_acc": max(r["test_acc"] for r in rows if r["test_acc"] is not None),
+                "train_acc": rows[-1]["train_acc"], "epochs": self.schedule.epochs, "steps": self.step,
+                "alpha": self.alpha, "fraction": self.fraction, "num_selected": len(self.indices),
+                "images_per_sec": float(np.median(speeds)), "train_seconds": self.elapsed, "arch": self.cfg.arch,
+                "cache_bytes_per_sample": getattr(self.teacher, "bytes_per_sample", None)}

@@ -1,6 +1,6 @@
 import json
 
-from kdcache.demo import main
+from kdcache_cli.demo import main
 
 TINY = ["--source", "synthetic", "--data-option", "num-train=400", "--data-option", "num-test=200",
         "--data-option", "num-classes=4", "--data-option", "image-size=16", "--teacher-epochs", "2",

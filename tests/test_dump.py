@@ -122,11 +122,11 @@ def test_store_holds_the_teachers_outputs(synth, teacher, full):
     a = cache.attrs
     assert a["teacher_accuracy"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
     assert 0 < a["teacher_accuracy"] < 1 and np.ptp(got, axis=0).min() > 0.1  # outputs vary by sample
-    assert a["fingerprint"] == manifest(synth)["splits"]["train"]["fingerprint"]
+    assert a["train_fingerprint"] == manifest(synth)["splits"]["train"]["fingerprint"]
     assert a["manifest"]["num_classes"] == 4 and a["teacher"] == "resnet20"
     from kdcache.models import sha256_file
     assert a["checkpoint_sha256"] == sha256_file(teacher)
-    assert a["schema_version"] == 1 and a["kdcache_version"] and a["created"] and "pytest" in a["command"]
+    assert a["schema_version"] == 2 and a["kdcache_version"] and a["created"] and "pytest" in a["command"]
     assert (a["num_samples"], a["num_classes"], a["chunk_rows"], a["topk"]) == (400, 4, 128, None)
     assert g["logits"].dtype == np.float16 and g["logits"].chunks == (128, 4)
 
@@ -202,9 +202,9 @@ def test_mismatched_store_is_refused_until_overwrite(synth, teacher, full, tmp_p
     assert "another checkpoint SHA-256" in r.output and "--overwrite" in r.output
 
     g = open_store(str(out), "r+")
-    g.attrs["fingerprint"] = "0" * 32  # as if made from another dataset
+    g.attrs["train_fingerprint"] = "0" * 32  # as if made from another dataset
     r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, *data, expect=2)
-    assert "another dataset fingerprint" in r.output
+    assert "another train fingerprint" in r.output
     from kdcache.beton import dataset_info
     with pytest.raises(UserError, match="another dataset"):
         LogitCache(str(out), dataset_info(synth / "train.beton"))

@@ -1,4 +1,5 @@
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from kdcache.store import (
 def hand_made_cache(path, *, n=10, c=6, k=None, chunk_rows=4, done=None, fingerprint="fp"):
     """A logit cache written directly (no teacher), as `kdcache dump` lays it out."""
     g = zarr.create_group(store=str(path), attributes={
-        "kind": LOGITS_KIND, "schema_version": 1, "fingerprint": fingerprint, "num_samples": n,
+        "kind": LOGITS_KIND, "schema_version": 1, "train_fingerprint": fingerprint, "num_samples": n,
         "num_classes": c, "chunk_rows": chunk_rows, "topk": k})
     m = -(-n // chunk_rows)
     flags = g.create_array("chunks_done", shape=(m,), dtype="uint8", chunks=(1,), fill_value=0)
@@ -94,13 +95,13 @@ def test_incomplete_store_is_refused_with_missing_count(tmp_path):
 def test_other_dataset_and_non_cache_are_refused(tmp_path):
     g = hand_made_cache(tmp_path / "s.zarr", fingerprint="aaa")
     g.create_array("logits", shape=(10, 6), dtype="float16", chunks=(4, 6))
-    info = {"path": "x/train.beton", "splits": {"train": {"fingerprint": "bbb"}}}
+    info = SimpleNamespace(path="x/train.beton", train_fingerprint="bbb")  # the DatasetInfo fields it reads
     with pytest.raises(UserError, match="another dataset"):
         LogitCache(str(tmp_path / "s.zarr"), info)
-    LogitCache(str(tmp_path / "s.zarr"), {"path": "x", "splits": {"train": {"fingerprint": "aaa"}}})
+    LogitCache(str(tmp_path / "s.zarr"), SimpleNamespace(path="x", train_fingerprint="aaa"))
 
     scores_only = open_store(str(tmp_path / "dyn.zarr"), "w")
-    scores_only.attrs["fingerprint"] = "aaa"
+    scores_only.attrs["train_fingerprint"] = "aaa"
     write_score(scores_only, "forgetting", np.arange(5.0))
     with pytest.raises(UserError, match="not a teacher-logit cache"):
         LogitCache(str(tmp_path / "dyn.zarr"))
@@ -119,7 +120,7 @@ def test_score_functions_keep_working(tmp_path):
 
 def test_info_on_a_store_of_scores_only(tmp_path):
     g = open_store(str(tmp_path / "dyn.zarr"), "w")
-    g.attrs["fingerprint"] = "abc"
+    g.attrs["train_fingerprint"] = "abc"
     write_score(g, "forgetting", np.array([0.0, 4.0, 1.0, 2.0]), description="forgetting events")
     d = describe_store(str(tmp_path / "dyn.zarr"))
     assert d["complete"] and d["bytes_per_sample"] is None

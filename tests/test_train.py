@@ -78,24 +78,21 @@ def test_epoch_visits_selected_indices_once(synth):
     assert not np.array_equal(orders[0], orders[1])  # reshuffled every epoch
 
 
-def test_cached_logits_reach_their_samples(synth, monkeypatch):
+def test_cached_logits_reach_their_samples(synth):
     """After shuffling, each batch's teacher rows are the cache rows of exactly those sample indices."""
-    import kdcache.store
     from kdcache.beton import dataset_info
     from kdcache.loader import Batches
-    from kdcache.train import Teacher, TrainConfig
+    from kdcache.train import CachedTeacher
 
     class IndexCache:  # row i encodes i in its first column
-        def __init__(self, url, info):
-            self.num_classes, self.bytes_per_sample = 4, 8
+        num_classes, bytes_per_sample = 4, 8
 
         def logits(self, indices):
             return np.stack([indices, -indices, indices * 2, indices * 3], 1).astype(np.float32)
 
-    monkeypatch.setattr(kdcache.store, "LogitCache", IndexCache, raising=False)
     info = dataset_info(synth / "train.beton")
     chosen = np.arange(3, 400, 5)
-    teacher = Teacher(TrainConfig(data="", out="", cache="fake"), info, chosen, torch.device("cpu"))
+    teacher = CachedTeacher(IndexCache(), chosen, info.size, torch.device("cpu"))
     for x, _, index in Batches(info, batch_size=16, train=True, indices=chosen, num_workers=1):
         rows = teacher(x, index)
         assert torch.equal(rows[:, 0].long(), index) and torch.equal(rows[:, 2].long(), 2 * index)

@@ -1,21 +1,29 @@
-"""`make demo`: the whole pipeline through the public `kdcache` commands, ending in a result table.
+"""`kdcache demo` (`make demo`): the whole pipeline through the public `kdcache` commands, ending in a
+result table and a plot.
 
 Stages: data -> teacher (full data, no KD) -> dump (+ info) -> select -> three students on the same
 kept fraction: random without a teacher, random with the cached teacher, score-selected with the
 cached teacher. Every stage's output is complete or absent, so a rerun redoes only what is missing.
 
-    python -m kdcache.demo --out runs/demo                       # Fashion-MNIST (the default)
-    python -m kdcache.demo --out runs/c10 --source cifar10 --src ../shared/datasets/cifar10
+    kdcache demo --out runs/demo                       # Fashion-MNIST (the default)
+    kdcache demo --out runs/c10 --source cifar10 --src ../shared/datasets/cifar10
+
+It drives the other commands as a user would type them, so it lives with the front end, not in the
+library.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-from .files import write_json
+import click
+
+from kdcache.files import atomic, write_json
+
+SHOW = {"show_default": True}
 
 
 def kdcache(*args) -> None:
@@ -36,6 +44,7 @@ def finished_store(path: Path) -> bool:
         return False
     from kdcache.errors import UserError
     from kdcache.store import LogitCache
+
     try:
         LogitCache(str(path))
         return True
@@ -62,38 +71,45 @@ def plot(path: Path, students: dict[str, Path], teacher_acc: float, title: str) 
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(path)
+
+
+@click.command()
+@click.option("--out", default="runs/demo", **SHOW, help="Folder for every output.")
+@click.option("--source", default="fashion-mnist", **SHOW, help="kdcache data source.")
+@click.option("--src", default=None, help="Source folder, where the source needs one.")
+@click.option("--data-option", multiple=True, metavar="OPT=VALUE",
+              help="Extra `kdcache data` option, e.g. num-train=400 for synthetic data (repeatable).")
+@click.option("--teacher-arch", default="resnet20", **SHOW)
+@click.option("--student-arch", default="resnet8", **SHOW)
+@click.option("--teacher-epochs", default=2, **SHOW)
+@click.option("--student-epochs", default=12, **SHOW)
+@click.option("--eval-every", default=2, **SHOW, help="Students' test evaluations: every N epochs.")
+@click.option("--augment/--no-augment", default=False, **SHOW,
+              help="Random crop + flip (off by default: these short schedules converge faster without).")
+@click.option("--temperature", default=4.0, **SHOW, help="KD temperature.")
+@click.option("--batch-size", default=256, **SHOW)
+@click.option("--teacher-lr", default=0.2, **SHOW)
+@click.option("--lr", default=0.1, **SHOW, help="Students' peak learning rate.")
+@click.option("--fraction", default=0.1, **SHOW, help="Kept fraction.")
+@click.option("--score", default="el2n", **SHOW, help="Score for the third student.")
+@click.option("--keep", type=click.Choice(["hard", "easy"]), default="hard", **SHOW,
+              help="End of --score to keep, per class (as in the papers).")
+@click.option("--seed", default=0, **SHOW)
+@click.option("--workers", default=-1, **SHOW, help="Loader threads (-1: all cores).")
+def demo(**options) -> dict:
+    """Run the whole pipeline on a small dataset and print what the cached teacher adds."""
+    return run(SimpleNamespace(**options))
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/demo", help="folder for every output (default: %(default)s)")
-    p.add_argument("--source", default="fashion-mnist", help="kdcache data source (default: %(default)s)")
-    p.add_argument("--src", default=None, help="source folder, where the source needs one")
-    p.add_argument("--data-option", action="append", default=[], metavar="OPT=VALUE",
-                   help="extra `kdcache data` option, e.g. num-train=400 for synthetic data")
-    p.add_argument("--teacher-arch", default="resnet20", help="default: %(default)s")
-    p.add_argument("--student-arch", default="resnet8", help="default: %(default)s")
-    p.add_argument("--teacher-epochs", type=int, default=2, help="default: %(default)s")
-    p.add_argument("--student-epochs", type=int, default=12, help="default: %(default)s")
-    p.add_argument("--eval-every", type=int, default=2, help="students' test evaluations (default: every %(default)s)")
-    p.add_argument("--augment", action="store_true",
-                   help="random crop + flip (off by default: these short schedules converge faster without)")
-    p.add_argument("--temperature", type=float, default=4.0, help="KD temperature (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=256, help="default: %(default)s")
-    p.add_argument("--teacher-lr", type=float, default=0.2, help="default: %(default)s")
-    p.add_argument("--lr", type=float, default=0.1, help="students' peak learning rate (default: %(default)s)")
-    p.add_argument("--fraction", type=float, default=0.1, help="kept fraction (default: %(default)s)")
-    p.add_argument("--score", default="el2n", help="score for the third student (default: %(default)s)")
-    p.add_argument("--keep", default="hard", choices=["hard", "easy"],
-                   help="end of --score to keep, per class (default: %(default)s, as in the papers)")
-    p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    p.add_argument("--workers", type=int, default=-1, help="loader threads (default: all cores)")
-    args = p.parse_args(argv)
+    """`kdcache demo` with these arguments, in this process; returns the summary."""
+    return demo.main(args=argv, prog_name="kdcache demo", standalone_mode=False)
 
+
+def run(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data, cache, teacher = out / "data", out / "cache.zarr", out / "teacher"
@@ -215,6 +231,3 @@ def table(s: dict) -> str:
     ]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    main()
