@@ -169,6 +169,10 @@ def test_resume_after_kill_equals_uninterrupted(synth, tmp_path):
     (["--alpha", 0.5], "needs a teacher: pass --cache"),
     (["--test", "nowhere/test.beton"], "test set not found: nowhere/test.beton"),
     (["--teacher-online", "resnet20"], "--teacher-online needs --teacher-checkpoint"),
+    (["--indices", "chosen.npy", "--fraction", 0.5], "--indices gives the subset; drop --fraction"),
+    (["--indices", "chosen.npy", "--method", "el2n", "--class-balanced"],
+     "--indices gives the subset; drop --method, --class-balanced"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
 ])
 def test_bad_inputs(synth, tmp_path, args, message):
     r = run_cli("train", "--data", synth / "train.beton", "--out", tmp_path / "bad", "--alpha", 0, *args,
@@ -266,3 +270,26 @@ def test_two_process_ddp_run_records_dynamics(synth, tmp_path):
     prob = root["dynamics/seed0/prob"][:]
     assert prob.shape == (400, 5) and not np.isnan(prob).any()  # every sample seen every epoch
     assert {"forgetting", "el2n_early", "aum", "dynunc"} <= set(root["scores"].array_keys())
+
+
+def test_online_teacher_checkpoint_is_validated_like_the_dumps(synth, tmp_path):
+    """One validator: an online teacher built for another image size is refused, as `dump` refuses it."""
+    from kdcache.models import build_model, save_checkpoint
+
+    ckpt = tmp_path / "t32.pt"
+    save_checkpoint(ckpt, build_model("resnet20", 4, 32), arch="resnet20", num_classes=4, image_size=32)
+    for command in (["train", "--out", tmp_path / "online", "--alpha", 0.5, "--teacher-online", "resnet20",
+                     "--teacher-checkpoint", ckpt, *FAST],
+                    ["dump", "--teacher", "resnet20", "--checkpoint", ckpt, "--out", tmp_path / "c.zarr"]):
+        r = run_cli(*command, "--data", synth / "train.beton", expect=2)
+        assert f"{ckpt} was built for 32 px images but the dataset's are 16 px" in r.output
+
+
+def test_recorded_dynamics_go_to_the_runs_own_store_not_the_cache(synth, cache, tmp_path):
+    out = tmp_path / "student"
+    run_cli("train", "--data", synth / "train.beton", "--cache", cache, "--fraction", 0.5, "--epochs", 1,
+            "--record-dynamics", "--eval-every", 100, "--out", out, *FAST)
+    from kdcache.store import open_store
+    assert "dynamics" not in open_store(str(cache))  # `dump --overwrite` could otherwise erase them
+    prob = open_store(str(out / "dynamics.zarr"))["dynamics/seed0/prob"][:]
+    assert prob.shape == (400, 1) and (~np.isnan(prob[:, 0])).sum() == 200  # the half it trained on
