@@ -29,9 +29,9 @@ def cli() -> None:
     """Data pruning with knowledge distillation from a cached teacher."""
 
 
-from kdcache_cli import data, demo, dump, select, train  # noqa: E402  (each module defines its commands)
+from kdcache_cli import data, demo, dump, select, sweep, train  # noqa: E402  (each module defines its commands)
 
-for command in (data.data, dump.dump, dump.info, train.train, select.select, demo.demo):
+for command in (data.data, dump.dump, dump.info, train.train, select.select, demo.demo, sweep.sweep, sweep.report):
     cli.add_command(command)
 
 if __name__ == "__main__":
