@@ -7,7 +7,7 @@ APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint bench bench-dump bench-train clean
+.PHONY: install test demo paper smoke lint bench bench-dump bench-train clean
 
 install: $(STAMP)
 
@@ -27,6 +27,18 @@ test: install
 
 demo: install
 	$(KDCACHE) demo --out runs/demo $(DEMO_ARGS)
+
+# The paper's claims on CIFAR-10, about two hours on 2 CPU cores; rerun to resume. Then the report
+# (tables, CSVs, plots, verdicts) and the protocol itself go to results/paper-cpu/, which is committed.
+paper: install
+	$(KDCACHE) sweep protocols/paper-cpu.toml --out runs/paper-cpu
+	$(KDCACHE) report runs/paper-cpu --out results/paper-cpu
+	cp protocols/paper-cpu.toml results/paper-cpu/protocol.toml
+
+# The whole study chain on tiny synthetic data (about a minute).
+smoke: install
+	$(KDCACHE) sweep protocols/smoke.toml --out runs/smoke --workers 1
+	$(KDCACHE) report runs/smoke
 
 bench-dump: install
 	$(PY) benchmarks/bench_dump.py $(BENCH_ARGS)

@@ -45,3 +45,15 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert again["students"] == summary["students"]
     assert again["stage_seconds"] == summary["stage_seconds"]  # what each stage cost when it ran
     assert again["this_run_seconds"] < summary["this_run_seconds"]
+
+
+def test_demo_rerun_with_other_options_redoes_what_they_change(tmp_path, capsys):
+    out = tmp_path / "demo"
+    main(["--out", str(out), *TINY])
+    capsys.readouterr()
+    again = main(["--out", str(out), *TINY, "--fraction", "0.5"])  # the later value of an option wins
+    printed = capsys.readouterr().out
+    for skipped in ("data", "teacher", "dump"):
+        assert f"== {skipped}: done already, skipped" in printed
+    assert "== select\n" in printed and printed.count("$ kdcache train") == 3  # never a stale student
+    assert [s["num_selected"] for s in again["students"]] == [200, 200, 200]
