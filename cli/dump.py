@@ -22,18 +22,21 @@ D = DumpOptions()
               help="Samples per store chunk, the unit of resuming; a multiple of --batch-size.")
 @click.option("--topk", default=D.topk, **SHOW,
               help="Store only the K most probable classes' log-probabilities (0: all logits).")
+@click.option("--temperature", default=D.temperature, **SHOW,
+              help="With --topk: the temperature the targets are taken at; students train at it.")
 @click.option("--device", default=D.device, **SHOW, help="auto (CUDA if available), cpu, cuda or cuda:N.")
 @click.option("--workers", default=D.workers, **SHOW, help="FFCV loader threads (-1: all cores).")
 @click.option("--overwrite", is_flag=True, default=False, **SHOW,
               help="Start over when --out holds another dump's store.")
-def dump(teacher, checkpoint, pretrained, data, out, batch_size, chunk_rows, topk, device, workers, overwrite):
+def dump(teacher, checkpoint, pretrained, data, out, batch_size, chunk_rows, topk, temperature, device, workers,
+         overwrite):
     """Run the teacher once over the training set; cache its logits and difficulty scores in a Zarr
     store. A killed dump resumes when run again; under torchrun the ranks share the work."""
     from kdcache.device import rank
     from kdcache.dump import dump as run_dump
 
     attrs = run_dump(teacher=teacher, checkpoint=checkpoint, pretrained=pretrained, data=data, out=out,
-                     batch_size=batch_size, chunk_rows=chunk_rows, topk=topk, device=device,
+                     batch_size=batch_size, chunk_rows=chunk_rows, topk=topk, temperature=temperature, device=device,
                      workers=workers, overwrite=overwrite)
     if rank() == 0:
         click.echo(f"{attrs['num_samples']} samples, teacher {teacher} accuracy "
@@ -68,7 +71,8 @@ def info(store, as_json):
     status = "complete" if d["complete"] else "INCOMPLETE"
     lines.append(f"chunks     {d['chunks_done']} of {d['chunks_total']} done: {status}")
     if d["bytes_per_sample"]:
-        form = f"top-{a['topk']}" if a.get("topk") else "all logits"
+        form = (f"top-{a['topk']} at temperature {a.get('temperature', 1.0):g}" if a.get("topk")
+                else "all logits, any temperature")
         lines.append(f"bytes      {d['bytes_per_sample']} per sample of teacher output ({form})")
     lines.append("arrays")
     width = max(len(k) for k in d["arrays"]) if d["arrays"] else 0

@@ -3,6 +3,7 @@
 Defaults come from `TrainConfig` and `SelectOptions`, so the help shows what the library does."""
 import click
 
+from kdcache.distill import DEFAULT_TEMPERATURE
 from kdcache.models import ARCH_HELP
 from kdcache.selection import METHODS_HELP, SelectOptions
 from kdcache.train import TrainConfig as C
@@ -30,7 +31,8 @@ S = SelectOptions()
 @click.option("--indices", type=click.Path(), default=None,
               help="Train on these indices (.npy from `kdcache select`) instead of selecting here.")
 @click.option("--alpha", default=C.alpha, **SHOW, help="KD weight in [0, 1], or auto (from the fraction).")
-@click.option("--temperature", default=C.temperature, **SHOW, help="KD temperature T.")
+@click.option("--temperature", type=float, default=None, show_default=str(DEFAULT_TEMPERATURE),
+              help="KD temperature T [default: a top-k cache's own, else the value shown].")
 @click.option("--epochs", default=C.epochs, **SHOW, help="Passes over the selected subset.")
 @click.option("--steps", type=int, default=None, help="Fixed number of optimisation steps (overrides --epochs).")
 @click.option("--batch-size", default=C.batch_size, **SHOW, help="Per process (under torchrun: x world size).")

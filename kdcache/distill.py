@@ -6,14 +6,16 @@ import math
 import torch
 import torch.nn.functional as F
 
+DEFAULT_TEMPERATURE = 4.0  # Hinton et al.'s range (2-5); the KD temperature when neither option nor cache sets one
+
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor, alpha: float,
             temperature: float, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(1 - alpha) * CE(student, y) + alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)).
 
     Returns (loss, ce, kl); kl is zero when there is no teacher. The T^2 factor keeps the soft term's
-    gradient scale independent of T (Hinton et al. 2015). `teacher` may hold logits or log-probabilities
-    (top-k caches): softmax(teacher / T) is the same distribution either way.
+    gradient scale independent of T (Hinton et al. 2015). `teacher` holds logits, or any row whose
+    softmax at T is the wanted target (what `LogitCache.logits` gives for a top-k cache).
     """
     student = student.float()
     ce = F.cross_entropy(student, labels, label_smoothing=label_smoothing)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from . import store
 from .beton import DatasetInfo, dataset_info
 from .device import init_distributed, rank, resolve_device, world_size
+from .distill import DEFAULT_TEMPERATURE
 from .errors import UserError
 from .loader import Batches
 from .models import last_linear
@@ -40,6 +41,7 @@ class DumpOptions:
     batch_size: int = 512     # samples per teacher batch
     chunk_rows: int = 4096    # samples per store chunk, the unit of resuming; a multiple of batch_size
     topk: int = 0             # keep only the K most probable classes' log-probabilities (0: all logits)
+    temperature: float = DEFAULT_TEMPERATURE  # top-k: the temperature they are taken at (full logits serve any)
     device: str = "auto"      # auto, cpu, cuda or cuda:N
     workers: int = -1         # FFCV loader threads (-1: all cores)
 
@@ -64,7 +66,7 @@ def load_teacher(name: str, checkpoint: str | None, pretrained: bool, info: Data
 # --- the store -------------------------------------------------------------------------------------
 
 IDENTITY = (store.TRAIN_FINGERPRINT, "teacher", "checkpoint_sha256")
-LAYOUT = ("num_samples", "num_classes", "chunk_rows", "topk")
+LAYOUT = ("num_samples", "num_classes", "chunk_rows", "topk", "temperature")
 NAMES = {store.TRAIN_FINGERPRINT: "train fingerprint", "checkpoint_sha256": "checkpoint SHA-256"}
 
 
@@ -159,7 +161,7 @@ class _Chunks:
 # --- the pass over the data ------------------------------------------------------------------------
 
 def _batch_outputs(model, hook: dict, x: torch.Tensor, y: torch.Tensor, topk: int | None,
-                   has_bias: bool) -> dict[str, torch.Tensor]:
+                   temperature: float | None, has_bias: bool) -> dict[str, torch.Tensor]:
     logits = model(x).float()
     scores = teacher_scores(logits, y, hook["features"], has_bias)
     out = {f"{store.SCORES}/{name}": scores[name] for name in TEACHER_SCORES}
@@ -168,7 +170,8 @@ def _batch_outputs(model, hook: dict, x: torch.Tensor, y: torch.Tensor, topk: in
     if topk is None:
         out[store.LOGITS] = logits.half()
     else:
-        values, classes = F.log_softmax(logits, dim=1).topk(topk, dim=1)
+        # the tempered distribution's top k (FKD): at T > 1 its tail is not the T = 1 tail spread evenly
+        values, classes = F.log_softmax(logits / temperature, dim=1).topk(topk, dim=1)
         out[store.TOPK_VALUES], out[store.TOPK_INDICES] = values.half(), classes.int()
     return out
 
@@ -206,26 +209,28 @@ D = DumpOptions()
 
 def dump(*, teacher: str, data: str, out: str, checkpoint: str | None = None, pretrained: bool = False,
          batch_size: int = D.batch_size, chunk_rows: int = D.chunk_rows, topk: int | None = D.topk,
-         device: str = D.device, workers: int = D.workers, overwrite: bool = False, progress: bool = True) -> dict:
+         temperature: float = D.temperature, device: str = D.device, workers: int = D.workers,
+         overwrite: bool = False, progress: bool = True) -> dict:
     """Dump the teacher's logits and scores for every sample of the training beton `data` into the
     store at `out`, resuming a matching unfinished store. Returns the store's root attributes."""
     info = dataset_info(data)
     topk = topk or None
-    _check_options(info, batch_size, chunk_rows, topk)
+    _check_options(info, batch_size, chunk_rows, topk, temperature)
+    temperature = temperature if topk else None  # full logits serve any temperature
     dev = resolve_device(device)
     distributed = init_distributed(dev)
     try:
         model, ident = load_teacher(teacher, checkpoint, pretrained, info, dev)
         attrs = store.root_attrs(store.LOGITS_KIND, info, teacher=teacher, **ident, teacher_accuracy=None,
                                  command=shlex.join(sys.argv), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                 chunk_rows=chunk_rows, topk=topk)
+                                 chunk_rows=chunk_rows, topk=topk, temperature=temperature)
         _prepare_on_rank0(out, attrs, overwrite, distributed)
         group = store.open_store(out, "r+")
         done = group[store.CHUNKS_DONE][:]
         todo = [k for k in range(len(done)) if k % world_size() == rank() and not done[k]]
         if todo:
             _run(model, group, info, todo, batch_size=batch_size, chunk_rows=chunk_rows, topk=topk,
-                 dev=dev, workers=workers, progress=progress and rank() == 0)
+                 temperature=temperature, dev=dev, workers=workers, progress=progress and rank() == 0)
         if distributed:
             dist.barrier()
         if rank() == 0:
@@ -238,7 +243,8 @@ def dump(*, teacher: str, data: str, out: str, checkpoint: str | None = None, pr
             dist.destroy_process_group()
 
 
-def _check_options(info: DatasetInfo, batch_size: int, chunk_rows: int, topk: int | None) -> None:
+def _check_options(info: DatasetInfo, batch_size: int, chunk_rows: int, topk: int | None,
+                   temperature: float) -> None:
     if info.split != "train":
         raise UserError(f"--data must be the training split's beton; {info.path} is the {info.split} split")
     if batch_size < 1 or chunk_rows < 1:
@@ -250,6 +256,8 @@ def _check_options(info: DatasetInfo, batch_size: int, chunk_rows: int, topk: in
     if topk is not None and not 0 < topk < info.num_classes:
         raise UserError(f"--topk must be between 1 and {info.num_classes - 1} (the dataset has "
                         f"{info.num_classes} classes)")
+    if not temperature > 0:
+        raise UserError(f"--temperature must be positive, got {temperature}")
 
 
 def _prepare_on_rank0(out: str, attrs: dict, overwrite: bool, distributed: bool) -> None:
@@ -277,8 +285,8 @@ def _finish(group, out: str, num_samples: int) -> None:
     group.update_attributes({"teacher_accuracy": accuracy, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
-def _run(model, group, info: dict, todo: list[int], *, batch_size: int, chunk_rows: int, topk: int | None,
-         dev: torch.device, workers: int, progress: bool) -> None:
+def _run(model, group, info: DatasetInfo, todo: list[int], *, batch_size: int, chunk_rows: int,
+         topk: int | None, temperature: float | None, dev: torch.device, workers: int, progress: bool) -> None:
     from tqdm import tqdm
 
     n = info.size
@@ -298,7 +306,7 @@ def _run(model, group, info: dict, todo: list[int], *, batch_size: int, chunk_ro
     try:
         with torch.inference_mode(), autocast:
             for x, y, index in tqdm(batches, desc="dump", unit="batch", disable=not progress):
-                out = _to_host(_batch_outputs(model, hook, x, y, topk, fc.bias is not None), y, index)
+                out = _to_host(_batch_outputs(model, hook, x, y, topk, temperature, fc.bias is not None), y, index)
                 # store the previous batch while the device computes this one
                 if pending is not None:
                     _store_batch(pending, chunks, idx_dtype)

@@ -200,6 +200,9 @@ class LogitCache:
         self.num_samples = int(self.attrs["num_samples"])
         self.num_classes = int(self.attrs["num_classes"])
         self.topk = self.attrs.get("topk")
+        # the temperature a top-k cache's targets are exact at (stores from before it was recorded: 1);
+        # None for full logits, which serve any temperature
+        self.temperature = self.attrs.get("temperature", 1.0) if self.topk else None
         self.bytes_per_sample = bytes_per_sample(self.group)
         self._arrays: dict[str, np.ndarray] = {}
 
@@ -209,10 +212,13 @@ class LogitCache:
         return self._arrays[name]
 
     def logits(self, indices: np.ndarray) -> np.ndarray:
-        """float32 (len(indices), C) whose softmax at temperature T is the teacher's distribution at T.
+        """float32 (len(indices), C) rows for `kd_loss`, whose softmax at temperature T is the target.
 
-        A full store gives the teacher's logits. A top-k store gives log-probabilities: the K stored
-        classes their stored values, every other class an equal share of the remaining mass."""
+        A full store gives the teacher's logits: exact at any T. A top-k store holds the K largest
+        log-probabilities of the teacher's distribution at the store's temperature Ts; the target q gives
+        those K classes exactly their probabilities and every other class an equal share of the
+        remaining mass (the tail's total is exact, its shape is not kept). Rows are Ts * log q, so that
+        softmax(row / Ts) = q: a top-k cache serves T = Ts only (the trainer refuses any other)."""
         indices = np.asarray(indices, dtype=np.int64)
         if self.topk is None:
             return self._array(LOGITS)[indices].astype(np.float32)
@@ -223,7 +229,7 @@ class LogitCache:
         rest = np.log(np.maximum(rest, 1e-12) / (self.num_classes - self.topk))
         out = np.repeat(rest.astype(np.float32), self.num_classes, axis=1)
         np.put_along_axis(out, classes, values, axis=1)
-        return out
+        return out * np.float32(self.temperature)
 
     def labels(self) -> np.ndarray:
         return self._array(LABELS).astype(np.int64)

@@ -30,7 +30,7 @@ import torch.nn as nn
 from . import __version__
 from .beton import DatasetInfo, dataset_info
 from .device import init_distributed, rank, resolve_device, world_size
-from .distill import auto_alpha, kd_loss
+from .distill import DEFAULT_TEMPERATURE, auto_alpha, kd_loss
 from .errors import UserError
 from .files import atomic, save_npy, write_json, write_lines
 from .loader import Batches
@@ -61,7 +61,7 @@ class TrainConfig:
     ccs_score: str = SelectOptions.ccs_score
     indices: str | None = None          # ... or given (kdcache select --out), never both
     alpha: str = "auto"                 # a number in [0, 1] or "auto" (from the kept fraction)
-    temperature: float = 4.0
+    temperature: float | None = None    # KD temperature (None: a top-k cache's own, else DEFAULT_TEMPERATURE)
     epochs: int = 200
     steps: int | None = None            # fixed optimisation steps (equal-compute comparisons)
     batch_size: int = 128               # per process (so the global batch is this x the world size)
@@ -100,6 +100,8 @@ def validate(cfg: TrainConfig) -> tuple[DatasetInfo, DatasetInfo, float | None]:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.steps is not None and cfg.steps < 1:
         raise UserError("--steps must be at least 1")
+    if cfg.temperature is not None and not cfg.temperature > 0:
+        raise UserError(f"--temperature must be positive, got {cfg.temperature}")
     info = dataset_info(cfg.data)
     test_path = cfg.test or str(Path(cfg.data).with_name("test.beton"))
     if not Path(test_path).is_file():
@@ -157,6 +159,7 @@ class CachedTeacher:
 
     def __init__(self, cache, indices: np.ndarray, num_samples: int, device: torch.device):
         self.bytes_per_sample = cache.bytes_per_sample
+        self.temperature = getattr(cache, "temperature", None)  # the only one a top-k cache serves exactly
         self.rows = torch.from_numpy(cache.logits(indices)).to(device)
         position = torch.full((num_samples,), -1, dtype=torch.long)
         position[torch.from_numpy(indices)] = torch.arange(len(indices))
@@ -170,7 +173,7 @@ class CachedTeacher:
 class OnlineTeacher:
     """Runs the teacher on the batch: the baseline a cache must match."""
 
-    bytes_per_sample = None
+    bytes_per_sample = temperature = None
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -189,6 +192,10 @@ def make_teacher(cfg: TrainConfig, info: DatasetInfo, indices: np.ndarray,
     cache = LogitCache(cfg.cache, info)
     if cache.num_classes != info.num_classes:
         raise UserError(f"cache {cfg.cache} has {cache.num_classes} classes, the dataset has {info.num_classes}")
+    if cache.temperature is not None and cfg.temperature not in (None, cache.temperature):
+        raise UserError(f"cache {cfg.cache} holds top-{cache.topk} targets at temperature {cache.temperature:g}, "
+                        f"exact only there: train with --temperature {cache.temperature:g} (or dump again with "
+                        f"--temperature {cfg.temperature:g})")
     return CachedTeacher(cache, indices, info.size, device)
 
 
@@ -276,6 +283,7 @@ class Trainer:
         self.fraction = len(self.indices) / info.size
         self.alpha = auto_alpha(self.fraction) if alpha is None else alpha
         self.teacher = make_teacher(cfg, info, self.indices, device) if self.alpha > 0 else None
+        self.temperature = cfg.temperature or getattr(self.teacher, "temperature", None) or DEFAULT_TEMPERATURE
         self.batch_size = self._batch_size()
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.arch, info.num_classes, info.image_size).to(
@@ -311,7 +319,8 @@ class Trainer:
     def _describe(self) -> dict:
         """What config.json records: the options as given plus everything they resolved to."""
         s, cfg = self.schedule, self.cfg
-        return {**dataclasses.asdict(cfg), "alpha_resolved": self.alpha, "fraction_kept": self.fraction,
+        return {**dataclasses.asdict(cfg), "alpha_resolved": self.alpha, "temperature_resolved": self.temperature,
+                "fraction_kept": self.fraction,
                 "num_selected": len(self.indices), "batch_size_used": self.batch_size,
                 "steps_per_epoch": s.steps_per_epoch, "total_steps": s.total_steps, "epochs_run": s.epochs,
                 "world_size": self.world, "device": str(self.device),
@@ -395,7 +404,7 @@ class Trainer:
         with torch.autocast(self.device.type, self.amp, enabled=self.amp is not None):
             target = self.teacher(x, index) if self.teacher is not None else None
             logits = self.net(x)
-        loss, ce, kl = kd_loss(logits, target, y, self.alpha, cfg.temperature, cfg.label_smoothing)
+        loss, ce, kl = kd_loss(logits, target, y, self.alpha, self.temperature, cfg.label_smoothing)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)

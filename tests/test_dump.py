@@ -144,7 +144,7 @@ def test_topk_store_rebuilds_the_distribution(synth, teacher, tmp_path):
     _, logits, _, _ = direct_outputs(synth, teacher)
     out = tmp_path / "top2.zarr"
     run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
-            "--out", out, "--topk", 2, *DUMP)
+            "--out", out, "--topk", 2, "--temperature", 1, *DUMP)
     g = open_store(str(out))
     assert "logits" not in g and g["topk_indices"].dtype == np.uint8 and g["topk_values"].dtype == np.float16
     cache = LogitCache(str(out))
@@ -163,6 +163,47 @@ def test_topk_store_rebuilds_the_distribution(synth, teacher, tmp_path):
     rest = (1 - values.exp().sum(1)) / 2
     mask = torch.ones(400, 4, dtype=torch.bool).scatter(1, classes, False)
     np.testing.assert_allclose(p[mask].view(400, 2), rest[:, None].expand(400, 2), rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0, 4.0])
+def test_topk_target_is_the_tempered_teacher_on_its_top_k(synth, teacher, tmp_path, t):
+    """What a student gets from a top-k cache at temperature T, computed directly from full logits:
+    the teacher's softmax(z / T) on its top k classes, the rest of that mass spread evenly."""
+    _, logits, labels, _ = direct_outputs(synth, teacher)
+    out = tmp_path / "top2.zarr"
+    run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+            "--out", out, "--topk", 2, "--temperature", t, *DUMP)
+    cache = LogitCache(str(out))
+    assert cache.temperature == t and open_store(str(out)).attrs["temperature"] == t
+    p = (logits.double() / t).softmax(1)
+    top, classes = p.topk(2, dim=1)
+    want = ((1 - top.sum(1, keepdim=True)) / 2).expand(400, 4).clone().scatter(1, classes, top)
+    got = (torch.from_numpy(cache.logits(np.arange(400))).double() / t).softmax(1)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=5e-3, atol=2e-4)  # float16 storage
+    # the KD loss sees exactly that target
+    student = torch.randn(400, 4, generator=torch.Generator().manual_seed(0))
+    from kdcache.distill import kd_loss
+    _, _, kl = kd_loss(student, torch.from_numpy(cache.logits(np.arange(400))), labels, 1.0, t)
+    reference = (want * (want.log() - (student.double() / t).log_softmax(1))).sum(1).mean()
+    assert kl.item() == pytest.approx(reference.item(), rel=2e-3, abs=1e-5)
+
+
+def test_topk_cache_sets_the_students_temperature_and_refuses_another(synth, teacher, tmp_path):
+    out = tmp_path / "top2.zarr"
+    run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+            "--out", out, "--topk", 2, "--temperature", 2, *DUMP)
+    assert "top-2 at temperature 2" in run_cli("info", out).output
+    student = ["train", "--data", synth / "train.beton", "--cache", out, "--fraction", 0.25, "--alpha", 0.9,
+               "--steps", 1, "--eval-every", 100, "--arch", "resnet8", "--batch-size", 32, "--workers", 1]
+    r = run_cli(*student, "--temperature", 4, "--out", tmp_path / "t4", expect=2)
+    assert r.output.strip() == (f"error: cache {out} holds top-2 targets at temperature 2, exact only there: "
+                                "train with --temperature 2 (or dump again with --temperature 4)")
+    run_cli(*student, "--out", tmp_path / "default")
+    assert json.loads((tmp_path / "default" / "config.json").read_text())["temperature_resolved"] == 2.0
+    # resuming the dump at another temperature is refused too: it would mix two targets in one store
+    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+                "--out", out, "--topk", 2, "--temperature", 4, *DUMP, expect=2)
+    assert "has another temperature (2.0, this dump: 4.0)" in r.output
 
 
 def test_kill_and_resume_equals_uninterrupted(synth, teacher, full, tmp_path):
