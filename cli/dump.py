@@ -86,6 +86,7 @@ def info(store, as_json):
                             (s["min"], s["median"], s["max"]))
             arrow = "" if s["higher_is_harder"] else "  (higher = easier)"
             lines.append(f"  {name:<{max(width - 2, 10)}}{nums}{arrow}")
+        lines += [f"  {name}: {s['description']}" for name, s in d["scores"].items() if s["description"]]
     for key in ("created", "kdcache_version", "command"):
         if a.get(key):
             lines.append(f"{key.split('_')[0]:<10} {a[key]}")

@@ -27,7 +27,8 @@ S = SelectOptions()
 @click.option("--class-balanced", is_flag=True, help="Select the same fraction within every class.")
 @click.option("--ccs-beta", default=C.ccs_beta, **SHOW, help="ccs: fraction of hardest samples dropped first.")
 @click.option("--ccs-strata", default=C.ccs_strata, **SHOW, help="ccs: number of equal-width score strata.")
-@click.option("--ccs-score", default=C.ccs_score, **SHOW, help="ccs: the score that defines the strata.")
+@click.option("--ccs-score", default=C.ccs_score, show_default="aum if the store has it, else el2n",
+              help="ccs: the score that defines the strata.")
 @click.option("--indices", type=click.Path(), default=None,
               help="Train on these indices (.npy from `kdcache select`) instead of selecting here.")
 @click.option("--alpha", default=C.alpha, **SHOW, help="KD weight in [0, 1], or auto (from the fraction).")
@@ -53,6 +54,11 @@ S = SelectOptions()
 @click.option("--teacher-checkpoint", type=click.Path(), default=None, help="Checkpoint of --teacher-online.")
 @click.option("--record-dynamics", is_flag=True, help="Record per-sample training dynamics and derive scores.")
 @click.option("--dynamics-store", default=None, help="Store for dynamics [default: OUT/dynamics.zarr].")
+@click.option("--el2n-early-fraction", default=C.el2n_early_fraction, **SHOW,
+              help="Dynamics: el2n_early is EL2N this far into training (Paul et al.: epoch 20 of 200).")
+@click.option("--aum-fraction", default=C.aum_fraction, **SHOW,
+              help="Dynamics: AUM averages the margin over this first part of training (Pleiss et al. stop "
+                   "before the learning rate decays; cosine decays from the start).")
 @click.option("--resume", is_flag=True, help="Continue a killed run in --out from its last epoch.")
 def train(**options):
     """Train a student on a pruned subset with knowledge distillation from a cached teacher.

@@ -26,6 +26,9 @@ from .errors import UserError
 
 ARRAYS = ("prob", "correct", "el2n", "margin")
 DYNUNC_WINDOW = 10  # He et al. 2023 use J = 10
+EARLY_FRACTION = 0.1  # el2n_early: Paul et al. 2021 take epoch 20 of 200
+AUM_FRACTION = 1.0    # aum: the first fraction of epochs averaged. Pleiss et al. stop before the LR decays;
+                      # a cosine schedule decays from the start, so by default every epoch counts
 
 
 @contextmanager
@@ -103,11 +106,17 @@ def dynamic_uncertainty(prob: np.ndarray, window: int = DYNUNC_WINDOW) -> np.nda
         return np.nanmean(std, axis=1).astype(np.float32)
 
 
-def aum(margin: np.ndarray) -> np.ndarray:
-    """Area under the margin (Pleiss et al. 2020): the true-class logit margin averaged over epochs.
-    Low (negative) AUM marks hard or mislabelled samples."""
+def aum_epochs(epochs: int, fraction: float) -> int:
+    """How many of the first epochs AUM averages: round(fraction * E), at least 1."""
+    return max(1, round(fraction * epochs))
+
+
+def aum(margin: np.ndarray, fraction: float = AUM_FRACTION) -> np.ndarray:
+    """Area under the margin (Pleiss et al. 2020): the true-class logit margin averaged over the first
+    `fraction` of the epochs. Low (negative) AUM marks hard or mislabelled samples."""
+    margin = np.asarray(margin, dtype=np.float64)
     with _quiet():
-        return np.nanmean(np.asarray(margin, dtype=np.float64), axis=1).astype(np.float32)
+        return np.nanmean(margin[:, :aum_epochs(margin.shape[1], fraction)], axis=1).astype(np.float32)
 
 
 class DynamicsRecorder:
@@ -118,13 +127,16 @@ class DynamicsRecorder:
     touches the store."""
 
     def __init__(self, url: str, info, epochs: int, *, run: str = "seed0", labels: np.ndarray | None = None,
-                 early_fraction: float = 0.2, device: str | torch.device = "cpu", resume: bool = False):
+                 early_fraction: float = EARLY_FRACTION, aum_fraction: float = AUM_FRACTION,
+                 device: str | torch.device = "cpu", resume: bool = False):
         """`info`: the training split's DatasetInfo; `labels`: its labels in index order, stored with the
         dynamics so that `kdcache select --store` needs no beton (read from the beton when not given)."""
         if epochs < 1:
             raise UserError(f"cannot record dynamics over {epochs} epochs")
-        if not 0 < early_fraction <= 1:
-            raise UserError(f"the early-EL2N fraction must be in (0, 1], got {early_fraction}")
+        for name, value in (("el2n-early", early_fraction), ("aum", aum_fraction)):
+            if not 0 < value <= 1:
+                raise UserError(f"--{name}-fraction must be in (0, 1], got {value}")
+        self.aum_fraction = aum_fraction
         if not run or "/" in run:
             raise UserError(f"bad dynamics run name {run!r}")
         self.url, self.run, self.epochs, self.early_fraction = str(url), run, epochs, early_fraction
@@ -224,18 +236,23 @@ class DynamicsRecorder:
         their names (on rank 0; other ranks return [])."""
         if self.rank != 0:
             return []
-        return write_dynamics_scores(self.root, early_fraction=self.early_fraction)
+        return write_dynamics_scores(self.root, early_fraction=self.early_fraction, aum_fraction=self.aum_fraction)
 
 
-# name -> (higher_is_harder, description)
+# name -> (higher_is_harder, description); {placeholders} are filled in from the recorded runs
+TRAINING_PASS = "from the training forward pass (augmented views, train mode, weights moving within the epoch)"
 SCORES = {
     "forgetting": (True, ("forgetting events over training epochs, mean over runs (Toneva et al. 2019); "
-                         "never-learned samples get epochs + 1")),
-    "el2n_early": (True, "EL2N early in training, mean over runs (Paul et al. 2021)"),
+                          "never-learned samples get epochs + 1, so they rank hardest as in Toneva et al. "
+                          "(DeepCore ranks them easiest)")),
+    "el2n_early": (True, ("EL2N at the end of epoch {early} ({early_fraction:.0%} into training; Paul et al. "
+                          "2021 take epoch 20 of 200), mean over runs; " + TRAINING_PASS)),
     "dynunc": (True, (f"dynamic uncertainty: std of the true-class probability over {DYNUNC_WINDOW}-epoch "
-                     "windows, mean over windows and runs (He et al. 2023)")),
-    "aum": (False, ("area under the margin: true-class logit margin averaged over epochs and runs "
-                   "(Pleiss et al. 2020)")),
+                      "windows, mean over windows and runs (He et al. 2023), " + TRAINING_PASS + "; He et al. "
+                      "use the unaugmented view in eval mode")),
+    "aum": (False, ("area under the margin: true-class logit margin averaged over epochs 1-{aum_last} "
+                    "({aum_fraction:.0%} of training) and runs (Pleiss et al. 2020 average before the "
+                    "learning rate decays)")),
 }
 
 
@@ -246,8 +263,8 @@ def _runs(root) -> dict:
     return {name: group for name, group in sorted(root[store.DYNAMICS].groups()) if all(a in group for a in ARRAYS)}
 
 
-def write_dynamics_scores(root, *, early_fraction: float = 0.2, window: int = DYNUNC_WINDOW,
-                          block_rows: int = store.WHOLE_ARRAY_ROWS) -> list[str]:
+def write_dynamics_scores(root, *, early_fraction: float = EARLY_FRACTION, aum_fraction: float = AUM_FRACTION,
+                          window: int = DYNUNC_WINDOW, block_rows: int = store.WHOLE_ARRAY_ROWS) -> list[str]:
     """Compute forgetting, el2n_early, dynunc and aum from all recorded runs (mean over runs); write
     them to scores/; return the names written. Works through row blocks to bound memory."""
     runs = _runs(root)
@@ -265,13 +282,18 @@ def write_dynamics_scores(root, *, early_fraction: float = 0.2, window: int = DY
         values = {"forgetting": forgetting_events(correct),
                   "el2n_early": el2n_early([el2n], early_epoch(epochs, early_fraction)),
                   "dynunc": dynamic_uncertainty(prob, window),
-                  "aum": aum(margin)}
+                  "aum": aum(margin, aum_fraction)}
         for name, v in values.items():
             ok = ~np.isnan(v)
             sums[name][rows][ok] += v[ok]
             counts[name][rows][ok] += 1
+    epochs = sorted({group["prob"].shape[1] for group in runs.values()})
+    facts = {"early": " / ".join(str(early_epoch(e, early_fraction) + 1) for e in epochs),
+             "early_fraction": early_fraction, "aum_fraction": aum_fraction,
+             "aum_last": " / ".join(str(aum_epochs(e, aum_fraction)) for e in epochs)}
     written = []
     for name, (higher_is_harder, description) in SCORES.items():
+        description = description.format(**facts)
         if not counts[name].any():  # e.g. dynamic uncertainty of one-epoch runs
             continue
         with np.errstate(invalid="ignore", divide="ignore"):

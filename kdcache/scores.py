@@ -11,11 +11,14 @@ import torch.nn.functional as F
 # name -> (higher_is_harder, description); the order is the column order `teacher_scores` stacks in.
 TEACHER_SCORES = {
     "loss": (True, "cross-entropy of the teacher's prediction"),
-    "margin": (False, "true-class logit minus the largest other logit"),
+    "margin": (False, ("true-class logit minus the largest other logit (a logit margin; DeepCore's margin is "
+                       "the top-1 minus top-2 probability)")),
     "entropy": (True, "entropy of the teacher's softmax"),
-    "el2n": (True, "EL2N: ||softmax - onehot||_2 (Paul et al. 2021)"),
-    "grand": (True, ("GraNd of the last layer: ||softmax - onehot||_2 * sqrt(||h||^2 + 1), h the "
-                     "penultimate features (+1 only with a bias)")),
+    "el2n": (True, ("EL2N: ||softmax - onehot||_2 of the trained teacher (one model; Paul et al. 2021 average "
+                    "early-training models of several seeds: see el2n_early)")),
+    "grand": (True, ("GraNd of the trained teacher's last layer: ||softmax - onehot||_2 * sqrt(||h||^2 + 1), "
+                     "h the penultimate features (+1 only with a bias); Paul et al. take all layers early in "
+                     "training")),
 }
 
 

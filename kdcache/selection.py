@@ -10,7 +10,8 @@ import numpy as np
 from .errors import UserError
 from .files import save_npy, write_json
 
-METHODS_HELP = "random, ccs, or any score in the store (e.g. el2n, forgetting)"
+METHODS_HELP = ("random, ccs, or any score in the store (e.g. el2n, forgetting; `kdcache info STORE` says how "
+                "each was computed, e.g. the epoch of el2n_early)")
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,8 @@ class SelectOptions:
     class_balanced: bool = False  # the same fraction of every class
     ccs_beta: float = 0.1         # CCS: fraction of hardest samples dropped first (Zheng et al. 2023)
     ccs_strata: int = 50          # CCS: equal-width score strata
-    ccs_score: str = "el2n"       # CCS: the score that defines the strata
+    ccs_score: str | None = None  # CCS: the score that defines the strata (None: aum where the store has it,
+                                  # as Zheng et al.'s code stratifies by AUM, else the teacher's el2n)
 
 
 def budget(fraction: float, n: int) -> int:
@@ -177,7 +179,7 @@ def choose_subset(info, method: str, fraction: float, *, store: str | None = Non
     DatasetInfo; it may be None when the store holds a `labels` array (then the dataset check is
     skipped). `labels`, when the caller has read them already, saves reading the beton's. Returns
     (indices, sidecar) for `save_selection`."""
-    from .store import check_dataset, open_store, read_score
+    from .store import check_dataset, open_store, read_score, score_names
     from .store import hardness as read_hardness
 
     _check_options(fraction, keep, ccs_beta, ccs_strata)
@@ -185,6 +187,8 @@ def choose_subset(info, method: str, fraction: float, *, store: str | None = Non
         raise UserError(f"no selection method given: {METHODS_HELP}")
     if info is not None and info.split != "train":
         raise UserError(f"{info.path} is the {info.split} split; select from the training beton")
+    if method == "ccs" and ccs_score is None:
+        ccs_score = "aum" if store is not None and "aum" in score_names(open_store(store, "r")) else "el2n"
     score = None if method == "random" else ccs_score if method == "ccs" else method
     if store is None and (score is not None or info is None):
         need = f"--method {method}" if score is not None else "without --data, selection"
@@ -209,12 +213,13 @@ def choose_subset(info, method: str, fraction: float, *, store: str | None = Non
         "class_balanced": class_balanced,
         "seed": seed,
         "score_source": None if score is None else {"store": str(store), "score": score},
+        "score_description": None if score is None else group["scores"][score].attrs.get("description", ""),
         "num_selected": len(indices),
         "num_samples": len(labels),
         "class_counts": np.bincount(labels[indices], minlength=num_classes).tolist(),
     }
     if method == "ccs":
-        sidecar.update({"ccs_beta": ccs_beta, "ccs_strata": ccs_strata})
+        sidecar.update({"ccs_beta": ccs_beta, "ccs_strata": ccs_strata, "ccs_score": ccs_score})
     if info is not None:
         sidecar["train_fingerprint"] = info.train_fingerprint
     return indices, sidecar

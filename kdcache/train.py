@@ -31,6 +31,7 @@ from . import __version__
 from .beton import DatasetInfo, dataset_info
 from .device import init_distributed, rank, resolve_device, world_size
 from .distill import DEFAULT_TEMPERATURE, auto_alpha, kd_loss
+from .dynamics import AUM_FRACTION, EARLY_FRACTION
 from .errors import UserError
 from .files import atomic, save_npy, write_json, write_lines
 from .loader import Batches
@@ -81,6 +82,8 @@ class TrainConfig:
     teacher_checkpoint: str | None = None
     record_dynamics: bool = False
     dynamics_store: str | None = None   # default: OUT/dynamics.zarr, the run's own
+    el2n_early_fraction: float = EARLY_FRACTION  # dynamics: el2n_early is EL2N this far into training
+    aum_fraction: float = AUM_FRACTION  # dynamics: AUM averages the margin over this first part of training
     resume: bool = False
 
 
@@ -359,6 +362,7 @@ class Trainer:
         from .dynamics import DynamicsRecorder
         return DynamicsRecorder(self.cfg.dynamics_store or str(self.out / "dynamics.zarr"), self.info,
                                 self.schedule.epochs, run=f"seed{self.cfg.seed}", labels=labels,
+                                early_fraction=self.cfg.el2n_early_fraction, aum_fraction=self.cfg.aum_fraction,
                                 device=self.device, resume=self.start_epoch > 0)
 
     def _wrap(self, model: nn.Module) -> nn.Module:

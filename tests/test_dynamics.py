@@ -1,3 +1,4 @@
+import json
 import os
 import socket
 import warnings
@@ -15,6 +16,7 @@ from kdcache.dynamics import (
     early_epoch,
     el2n_early,
     forgetting_events,
+    write_dynamics_scores,
 )
 from kdcache.errors import UserError
 from kdcache.store import hardness, open_store, read_score, write_score
@@ -140,7 +142,7 @@ def test_recorder_two_epochs_with_unseen_samples(info, tmp_path):
     forgot = (correct[:, 0] == 1) & (correct[:, 1] == 0)
     never = (correct != 1).all(1)
     np.testing.assert_array_equal(read_score(root, "forgetting"), np.where(never, 3, forgot.astype(np.float32)))
-    np.testing.assert_allclose(read_score(root, "el2n_early"), group["el2n"][:, 0])  # round(0.2 * 2) - 1 = 0
+    np.testing.assert_allclose(read_score(root, "el2n_early"), group["el2n"][:, 0])  # epoch max(1, round(0.1 * 2)) = 1
     dynunc = read_score(root, "dynunc")
     np.testing.assert_allclose(dynunc[~unseen], np.abs(prob[~unseen, 0] - prob[~unseen, 1]) / np.sqrt(2), rtol=1e-5)
     assert np.isnan(dynunc[unseen]).all()  # one seen epoch: no spread to measure
@@ -253,3 +255,30 @@ def test_recorded_training_run_has_one_row_per_sample_and_one_column_per_epoch(s
     r = run_cli("select", "--store", out / "dynamics.zarr", "--method", "forgetting", "--fraction", 0.5,
                 "--data", synth / "train.beton", "--out", tmp_path / "sel.npy")
     assert "selected 200 of 400" in r.output and len(np.load(tmp_path / "sel.npy")) == 200
+    # CCS stratifies by AUM where the store has it (Zheng et al.'s code), and says so
+    run_cli("select", "--store", out / "dynamics.zarr", "--method", "ccs", "--fraction", 0.5,
+            "--data", synth / "train.beton", "--out", tmp_path / "ccs.npy")
+    sidecar = json.loads((tmp_path / "ccs.json").read_text())
+    assert sidecar["ccs_score"] == "aum" and sidecar["score_source"]["score"] == "aum"
+    assert sidecar["score_description"].startswith("area under the margin: true-class logit margin "
+                                                              "averaged over epochs 1-2 (100% of training)")
+
+
+def test_early_el2n_and_aum_follow_their_papers_epochs(tmp_path):
+    """el2n_early is EL2N 10% into training (Paul et al.: epoch 20 of 200); aum averages the margin over
+    the first `aum_fraction` of the epochs; each score's description names the epochs it used."""
+    n, e = 6, 20
+    rng = np.random.default_rng(0)
+    root = open_store(str(tmp_path / "dyn.zarr"), "w")
+    group = root.require_group("dynamics").require_group("seed0")
+    arrays = {"prob": rng.random((n, e)), "el2n": rng.random((n, e)), "margin": rng.normal(size=(n, e)),
+              "correct": rng.integers(0, 2, (n, e))}
+    for name, values in arrays.items():
+        group.create_array(name, shape=(n, e), dtype="int8" if name == "correct" else "float32")[:] = values
+    write_dynamics_scores(root, aum_fraction=0.25)
+    np.testing.assert_allclose(read_score(root, "el2n_early"), arrays["el2n"][:, 1], rtol=1e-6)  # epoch 2 of 20
+    np.testing.assert_allclose(read_score(root, "aum"), arrays["margin"][:, :5].mean(1), rtol=1e-5)
+    assert root["scores/el2n_early"].attrs["description"].startswith("EL2N at the end of epoch 2 (10% into")
+    assert "epochs 1-5 (25% of training)" in root["scores/aum"].attrs["description"]
+    assert "eval mode" in root["scores/dynunc"].attrs["description"]  # how it differs from He et al.
+    np.testing.assert_allclose(aum(arrays["margin"]), arrays["margin"].mean(1), rtol=1e-5)  # default: all epochs
