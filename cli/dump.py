@@ -23,21 +23,25 @@ D = DumpOptions()
 @click.option("--topk", default=D.topk, **SHOW,
               help="Store only the K most probable classes' log-probabilities (0: all logits).")
 @click.option("--temperature", default=D.temperature, **SHOW,
-              help="With --topk: the temperature the targets are taken at; students train at it.")
+              help="With --topk or --sample: the teacher's temperature for the targets; students train at it.")
+@click.option("--sample", default=D.sample, **SHOW,
+              help="Store S classes drawn from the tempered teacher with their counts: unbiased sparse targets "
+                   "(Sparse Logit Sampling; 0: off).")
+@click.option("--sample-seed", default=D.sample_seed, **SHOW, help="Seed of the --sample draws.")
 @click.option("--device", default=D.device, **SHOW, help="auto (CUDA if available), cpu, cuda or cuda:N.")
 @click.option("--workers", default=D.workers, **SHOW, help="FFCV loader threads (-1: all cores).")
 @click.option("--overwrite", is_flag=True, default=False, **SHOW,
               help="Start over when --out holds another dump's store.")
-def dump(teacher, checkpoint, pretrained, data, out, batch_size, chunk_rows, topk, temperature, device, workers,
-         overwrite):
+def dump(teacher, checkpoint, pretrained, data, out, batch_size, chunk_rows, topk, temperature, sample, sample_seed,
+         device, workers, overwrite):
     """Run the teacher once over the training set; cache its logits and difficulty scores in a Zarr
     store. A killed dump resumes when run again; under torchrun the ranks share the work."""
     from kdcache.device import rank
     from kdcache.dump import dump as run_dump
 
     attrs = run_dump(teacher=teacher, checkpoint=checkpoint, pretrained=pretrained, data=data, out=out,
-                     batch_size=batch_size, chunk_rows=chunk_rows, topk=topk, temperature=temperature, device=device,
-                     workers=workers, overwrite=overwrite)
+                     batch_size=batch_size, chunk_rows=chunk_rows, topk=topk, temperature=temperature, sample=sample,
+                     sample_seed=sample_seed, device=device, workers=workers, overwrite=overwrite)
     if rank() == 0:
         click.echo(f"{attrs['num_samples']} samples, teacher {teacher} accuracy "
                    f"{100 * attrs['teacher_accuracy']:.2f}% -> {out}")
@@ -72,6 +76,7 @@ def info(store, as_json):
     lines.append(f"chunks     {d['chunks_done']} of {d['chunks_total']} done: {status}")
     if d["bytes_per_sample"]:
         form = (f"top-{a['topk']} at temperature {a.get('temperature', 1.0):g}" if a.get("topk")
+                else f"{a['sample']} draws at temperature {a['temperature']:g}, classes + counts" if a.get("sample")
                 else "all logits, any temperature")
         lines.append(f"bytes      {d['bytes_per_sample']} per sample of teacher output ({form})")
     lines.append("arrays")

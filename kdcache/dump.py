@@ -30,6 +30,9 @@ from .errors import UserError
 from .loader import Batches
 from .models import last_linear
 from .scores import TEACHER_SCORES, teacher_scores
+from .sparse import sample_targets
+
+PROBS = "probs"  # a batch's tempered teacher probabilities, on their way to be sampled (not stored)
 
 DIE_AFTER_ENV = "KDCACHE_DIE_AFTER_CHUNKS"  # tests: SIGKILL this process after that many chunks
 
@@ -41,7 +44,9 @@ class DumpOptions:
     batch_size: int = 512     # samples per teacher batch
     chunk_rows: int = 4096    # samples per store chunk, the unit of resuming; a multiple of batch_size
     topk: int = 0             # keep only the K most probable classes' log-probabilities (0: all logits)
-    temperature: float = DEFAULT_TEMPERATURE  # top-k: the temperature they are taken at (full logits serve any)
+    temperature: float = DEFAULT_TEMPERATURE  # top-k / sample: the teacher's temperature (full logits serve any)
+    sample: int = 0           # store S classes drawn from the tempered teacher, with counts (0: off)
+    sample_seed: int = 0      # the draws are a function of (this seed, sample index, draw)
     device: str = "auto"      # auto, cpu, cuda or cuda:N
     workers: int = -1         # FFCV loader threads (-1: all cores)
 
@@ -66,7 +71,7 @@ def load_teacher(name: str, checkpoint: str | None, pretrained: bool, info: Data
 # --- the store -------------------------------------------------------------------------------------
 
 IDENTITY = (store.TRAIN_FINGERPRINT, "teacher", "checkpoint_sha256")
-LAYOUT = ("num_samples", "num_classes", "chunk_rows", "topk", "temperature")
+LAYOUT = ("num_samples", "num_classes", "chunk_rows", "topk", "temperature", "sample", "sample_seed")
 NAMES = {store.TRAIN_FINGERPRINT: "train fingerprint", "checkpoint_sha256": "checkpoint SHA-256"}
 
 
@@ -88,7 +93,8 @@ def prepare_store(url: str, attrs: dict, overwrite: bool) -> None:
     else:  # attributes with the group, in one write: there is never a store without them
         group = store.create_store(url, attrs, overwrite=old is not None)
     store.create_logit_arrays(group, num_samples=attrs["num_samples"], num_classes=attrs["num_classes"],
-                              chunk_rows=attrs["chunk_rows"], topk=attrs["topk"], scores=TEACHER_SCORES)
+                              chunk_rows=attrs["chunk_rows"], topk=attrs["topk"], sample=attrs["sample"],
+                              scores=TEACHER_SCORES)
 
 
 class _Writer(threading.Thread):
@@ -160,14 +166,17 @@ class _Chunks:
 
 # --- the pass over the data ------------------------------------------------------------------------
 
-def _batch_outputs(model, hook: dict, x: torch.Tensor, y: torch.Tensor, topk: int | None,
-                   temperature: float | None, has_bias: bool) -> dict[str, torch.Tensor]:
+def _batch_outputs(model, hook: dict, x: torch.Tensor, y: torch.Tensor, targets: dict,
+                   has_bias: bool) -> dict[str, torch.Tensor]:
     logits = model(x).float()
     scores = teacher_scores(logits, y, hook["features"], has_bias)
     out = {f"{store.SCORES}/{name}": scores[name] for name in TEACHER_SCORES}
     out["correct"] = logits.argmax(1) == y
     out["finite"] = torch.isfinite(logits).all(1)
-    if topk is None:
+    topk, temperature = targets["topk"], targets["temperature"]
+    if targets["sample"]:
+        out[PROBS] = F.softmax(logits / temperature, dim=1)  # drawn from on the host, per sample index
+    elif topk is None:
         out[store.LOGITS] = logits.half()
     else:
         # the tempered distribution's top k (FKD): at T > 1 its tail is not the T = 1 tail spread evenly
@@ -187,13 +196,13 @@ def _to_host(out: dict[str, torch.Tensor], labels: torch.Tensor, index: torch.Te
     return {"host": host, "event": event}
 
 
-def _store_batch(pending: dict, chunks: _Chunks, idx_dtype: np.dtype) -> None:
+def _store_batch(pending: dict, chunks: _Chunks, idx_dtype: np.dtype, targets: dict) -> None:
     if pending["event"] is not None:
         pending["event"].synchronize()
     h = {k: v.numpy() for k, v in pending["host"].items()}
     index = h.pop("index").astype(np.int64)
     bad = ~h.pop("finite")
-    stored = h.get(store.LOGITS, h.get(store.TOPK_VALUES))
+    stored = h.get(store.LOGITS, h.get(store.TOPK_VALUES, h.get(PROBS)))
     bad |= ~np.isfinite(stored.astype(np.float32)).all(1)  # beyond float16's range
     if bad.any():
         raise UserError(f"the teacher's outputs for sample {int(index[bad].min())} are not finite "
@@ -201,6 +210,10 @@ def _store_batch(pending: dict, chunks: _Chunks, idx_dtype: np.dtype) -> None:
     correct = h.pop("correct")
     if store.TOPK_INDICES in h:
         h[store.TOPK_INDICES] = h[store.TOPK_INDICES].astype(idx_dtype)
+    if PROBS in h:
+        classes, counts = sample_targets(h.pop(PROBS), index, targets["sample"], targets["sample_seed"])
+        h[store.SAMPLE_CLASSES] = classes.astype(idx_dtype)
+        h[store.SAMPLE_COUNTS] = counts.astype(store.index_dtype(targets["sample"] + 1))
     chunks.add(index, h, correct)
 
 
@@ -209,28 +222,31 @@ D = DumpOptions()
 
 def dump(*, teacher: str, data: str, out: str, checkpoint: str | None = None, pretrained: bool = False,
          batch_size: int = D.batch_size, chunk_rows: int = D.chunk_rows, topk: int | None = D.topk,
-         temperature: float = D.temperature, device: str = D.device, workers: int = D.workers,
-         overwrite: bool = False, progress: bool = True) -> dict:
+         temperature: float = D.temperature, sample: int = D.sample, sample_seed: int = D.sample_seed,
+         device: str = D.device, workers: int = D.workers, overwrite: bool = False, progress: bool = True) -> dict:
     """Dump the teacher's logits and scores for every sample of the training beton `data` into the
     store at `out`, resuming a matching unfinished store. Returns the store's root attributes."""
     info = dataset_info(data)
     topk = topk or None
-    _check_options(info, batch_size, chunk_rows, topk, temperature)
-    temperature = temperature if topk else None  # full logits serve any temperature
+    sample = sample or None
+    _check_options(info, batch_size, chunk_rows, topk, temperature, sample)
+    temperature = temperature if topk or sample else None  # full logits serve any temperature
+    targets = {"topk": topk, "temperature": temperature, "sample": sample,
+               "sample_seed": sample_seed if sample else None}
     dev = resolve_device(device)
     distributed = init_distributed(dev)
     try:
         model, ident = load_teacher(teacher, checkpoint, pretrained, info, dev)
         attrs = store.root_attrs(store.LOGITS_KIND, info, teacher=teacher, **ident, teacher_accuracy=None,
                                  command=shlex.join(sys.argv), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                 chunk_rows=chunk_rows, topk=topk, temperature=temperature)
+                                 chunk_rows=chunk_rows, **targets)
         _prepare_on_rank0(out, attrs, overwrite, distributed)
         group = store.open_store(out, "r+")
         done = group[store.CHUNKS_DONE][:]
         todo = [k for k in range(len(done)) if k % world_size() == rank() and not done[k]]
         if todo:
-            _run(model, group, info, todo, batch_size=batch_size, chunk_rows=chunk_rows, topk=topk,
-                 temperature=temperature, dev=dev, workers=workers, progress=progress and rank() == 0)
+            _run(model, group, info, todo, batch_size=batch_size, chunk_rows=chunk_rows, targets=targets, dev=dev,
+                 workers=workers, progress=progress and rank() == 0)
         if distributed:
             dist.barrier()
         if rank() == 0:
@@ -244,7 +260,7 @@ def dump(*, teacher: str, data: str, out: str, checkpoint: str | None = None, pr
 
 
 def _check_options(info: DatasetInfo, batch_size: int, chunk_rows: int, topk: int | None,
-                   temperature: float) -> None:
+                   temperature: float, sample: int | None) -> None:
     if info.split != "train":
         raise UserError(f"--data must be the training split's beton; {info.path} is the {info.split} split")
     if batch_size < 1 or chunk_rows < 1:
@@ -258,6 +274,10 @@ def _check_options(info: DatasetInfo, batch_size: int, chunk_rows: int, topk: in
                         f"{info.num_classes} classes)")
     if not temperature > 0:
         raise UserError(f"--temperature must be positive, got {temperature}")
+    if sample is not None and sample < 1:
+        raise UserError(f"--sample must be at least 1 draw, got {sample}")
+    if sample and topk:
+        raise UserError("give either --topk or --sample, not both")
 
 
 def _prepare_on_rank0(out: str, attrs: dict, overwrite: bool, distributed: bool) -> None:
@@ -286,7 +306,7 @@ def _finish(group, out: str, num_samples: int) -> None:
 
 
 def _run(model, group, info: DatasetInfo, todo: list[int], *, batch_size: int, chunk_rows: int,
-         topk: int | None, temperature: float | None, dev: torch.device, workers: int, progress: bool) -> None:
+         targets: dict, dev: torch.device, workers: int, progress: bool) -> None:
     from tqdm import tqdm
 
     n = info.size
@@ -306,13 +326,13 @@ def _run(model, group, info: DatasetInfo, todo: list[int], *, batch_size: int, c
     try:
         with torch.inference_mode(), autocast:
             for x, y, index in tqdm(batches, desc="dump", unit="batch", disable=not progress):
-                out = _to_host(_batch_outputs(model, hook, x, y, topk, temperature, fc.bias is not None), y, index)
+                out = _to_host(_batch_outputs(model, hook, x, y, targets, fc.bias is not None), y, index)
                 # store the previous batch while the device computes this one
                 if pending is not None:
-                    _store_batch(pending, chunks, idx_dtype)
+                    _store_batch(pending, chunks, idx_dtype, targets)
                 pending = out
             if pending is not None:
-                _store_batch(pending, chunks, idx_dtype)
+                _store_batch(pending, chunks, idx_dtype, targets)
     finally:
         handle.remove()
         writer.close()

@@ -24,6 +24,8 @@ TRAIN_FINGERPRINT = "train_fingerprint"  # root attribute: the training split th
 LOGITS = "logits"                        # (N, C) float16 teacher logits
 TOPK_VALUES = "topk_values"              # (N, K) float16 top-k log-probabilities ...
 TOPK_INDICES = "topk_indices"            # (N, K) ... and their classes, smallest unsigned type
+SAMPLE_CLASSES = "sample_classes"        # (N, min(S, C)) classes drawn from the tempered teacher ...
+SAMPLE_COUNTS = "sample_counts"          # (N, min(S, C)) ... and how often each was drawn (of S)
 LABELS = "labels"                        # (N,) int64
 CHUNKS_DONE = "chunks_done"              # (chunks,) uint8: 1 once that chunk's rows are all written
 CHUNK_CORRECT = "chunk_correct"          # (chunks,) int64: the teacher's correct predictions per chunk
@@ -143,13 +145,18 @@ def num_chunks(num_samples: int, chunk_rows: int) -> int:
 
 
 def create_logit_arrays(group: zarr.Group, *, num_samples: int, num_classes: int, chunk_rows: int,
-                        topk: int | None, scores: dict[str, tuple[bool, str]]) -> None:
+                        topk: int | None, sample: int | None, scores: dict[str, tuple[bool, str]]) -> None:
     """The arrays of a logit cache, empty: teacher outputs (full or top-k), labels, `scores` (name ->
     (higher_is_harder, description)) and the per-chunk bookkeeping, created last: its presence means
     every other array exists."""
     n, c = num_samples, num_classes
     rows = min(chunk_rows, max(n, 1))
-    if topk is None:
+    if sample:
+        k = min(sample, c)
+        group.create_array(SAMPLE_CLASSES, shape=(n, k), dtype=index_dtype(c), chunks=(rows, k), overwrite=True)
+        group.create_array(SAMPLE_COUNTS, shape=(n, k), dtype=index_dtype(sample + 1), chunks=(rows, k),
+                           overwrite=True)
+    elif topk is None:
         group.create_array(LOGITS, shape=(n, c), dtype="float16", chunks=(rows, c), overwrite=True)
     else:
         group.create_array(TOPK_VALUES, shape=(n, topk), dtype="float16", chunks=(rows, topk), overwrite=True)
@@ -200,9 +207,10 @@ class LogitCache:
         self.num_samples = int(self.attrs["num_samples"])
         self.num_classes = int(self.attrs["num_classes"])
         self.topk = self.attrs.get("topk")
-        # the temperature a top-k cache's targets are exact at (stores from before it was recorded: 1);
-        # None for full logits, which serve any temperature
-        self.temperature = self.attrs.get("temperature", 1.0) if self.topk else None
+        self.sample = self.attrs.get("sample")
+        # the temperature a top-k or sampled cache's targets are exact at (top-k stores from before it was
+        # recorded: 1); None for full logits, which serve any temperature
+        self.temperature = self.attrs.get("temperature", 1.0) if self.topk or self.sample else None
         self.bytes_per_sample = bytes_per_sample(self.group)
         self._arrays: dict[str, np.ndarray] = {}
 
@@ -218,8 +226,16 @@ class LogitCache:
         log-probabilities of the teacher's distribution at the store's temperature Ts; the target q gives
         those K classes exactly their probabilities and every other class an equal share of the
         remaining mass (the tail's total is exact, its shape is not kept). Rows are Ts * log q, so that
-        softmax(row / Ts) = q: a top-k cache serves T = Ts only (the trainer refuses any other)."""
+        softmax(row / Ts) = q: a top-k cache serves T = Ts only (the trainer refuses any other). A sampled
+        store (`kdcache dump --sample S`) gives q = counts / S of S classes drawn from the teacher at Ts,
+        zero elsewhere: an unbiased estimate of the tempered teacher, again served at Ts only."""
         indices = np.asarray(indices, dtype=np.int64)
+        if self.sample:
+            from .sparse import target
+            q = target(self._array(SAMPLE_CLASSES)[indices], self._array(SAMPLE_COUNTS)[indices], self.num_classes)
+            # undrawn classes: a floor far below float16's smallest probability rather than -inf, which the
+            # KL's log-target form would turn into 0 * inf
+            return (self.temperature * np.log(np.maximum(q, 1e-30))).astype(np.float32)
         if self.topk is None:
             return self._array(LOGITS)[indices].astype(np.float32)
         values = self._array(TOPK_VALUES)[indices].astype(np.float32)
@@ -237,7 +253,8 @@ class LogitCache:
 
 def bytes_per_sample(group: zarr.Group) -> int:
     """Bytes of teacher output per sample, uncompressed: C x 2 (full) or K x (2 + index size) (top-k)."""
-    names = (TOPK_VALUES, TOPK_INDICES) if TOPK_VALUES in group else (LOGITS,)
+    names = ((TOPK_VALUES, TOPK_INDICES) if TOPK_VALUES in group else (SAMPLE_CLASSES, SAMPLE_COUNTS)
+             if SAMPLE_CLASSES in group else (LOGITS,))
     return int(sum(np.prod(group[n].shape[1:]) * group[n].dtype.itemsize for n in names if n in group))
 
 

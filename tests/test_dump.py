@@ -206,6 +206,46 @@ def test_topk_cache_sets_the_students_temperature_and_refuses_another(synth, tea
     assert "has another temperature (2.0, this dump: 4.0)" in r.output
 
 
+def test_sampled_store_holds_draws_from_the_tempered_teacher(synth, teacher, tmp_path):
+    from kdcache.sparse import sample_targets
+
+    _, logits, _, _ = direct_outputs(synth, teacher)
+    stores = []
+    for batch in (64, 32):  # the draws depend on (seed, index, draw) only, not on the batches
+        out = tmp_path / f"b{batch}.zarr"
+        run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+                "--out", out, "--sample", 3, "--temperature", 2, "--batch-size", batch, "--chunk-rows", 128,
+                "--workers", 1)
+        stores.append(open_store(str(out)))
+    classes, counts = stores[0]["sample_classes"][:], stores[0]["sample_counts"][:]
+    assert classes.dtype == np.uint8 and counts.dtype == np.uint8 and classes.shape == (400, 3)
+    assert (counts.sum(1) == 3).all() and "logits" not in stores[0]
+    np.testing.assert_array_equal(stores[1]["sample_classes"][:], classes)
+    np.testing.assert_array_equal(stores[1]["sample_counts"][:], counts)
+    # the same draws as sampling the tempered teacher computed directly (a draw may flip where the two
+    # computations round differently at a class boundary: allow a few rows)
+    want_classes, want_counts = sample_targets((logits.double() / 2).softmax(1).numpy(), np.arange(400), 3, 0)
+    same = (np.sort(classes * 10 + counts, 1) == np.sort(want_classes * 10 + want_counts, 1)).all(1)
+    assert same.mean() > 0.98
+    cache = LogitCache(str(tmp_path / "b64.zarr"))
+    assert (cache.sample, cache.temperature, cache.bytes_per_sample) == (3, 2.0, 3 * (1 + 1))
+    q = torch.from_numpy(cache.logits(np.arange(400))).double().div(2).softmax(1).numpy()
+    want = np.zeros((400, 4))
+    np.put_along_axis(want, classes.astype(np.int64), counts / 3, axis=1)
+    np.testing.assert_allclose(q, want, atol=1e-6)
+    assert "3 draws at temperature 2, classes + counts" in run_cli("info", tmp_path / "b64.zarr").output
+    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+                "--out", tmp_path / "x.zarr", "--sample", 3, "--topk", 2, *DUMP, expect=2)
+    assert "give either --topk or --sample, not both" in r.output
+    # a student distils from it at its temperature: finite losses despite the zero entries
+    run_cli("train", "--data", synth / "train.beton", "--cache", tmp_path / "b64.zarr", "--fraction", 0.25,
+            "--alpha", 0.9, "--steps", 2, "--eval-every", 100, "--arch", "resnet8", "--batch-size", 32,
+            "--workers", 1, "--out", tmp_path / "student")
+    rows = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < rows[0]["train_kl"] < 10 and np.isfinite(rows[0]["train_loss"])
+    assert json.loads((tmp_path / "student" / "config.json").read_text())["temperature_resolved"] == 2.0
+
+
 def test_kill_and_resume_equals_uninterrupted(synth, teacher, full, tmp_path):
     out = tmp_path / "cache.zarr"
     env = {**os.environ, "KDCACHE_DIE_AFTER_CHUNKS": "2"}
