@@ -150,7 +150,7 @@ def run(args) -> dict:
           ["data", args.source, "--out", data, *(["--src", args.src] if args.src else []), *extra])
     stage("teacher", (teacher / "summary.json").is_file(),
           ["train", "--data", train_beton, "--out", teacher, "--arch", args.teacher_arch, "--fraction", 1,
-           "--alpha", 0, "--epochs", args.teacher_epochs, "--lr", args.teacher_lr, *common])
+           "--alpha", 0, "--epochs", args.teacher_epochs, "--lr", args.teacher_lr, *common, "--overwrite"])
     stage("dump", finished_store(cache),
           ["dump", "--teacher", args.teacher_arch, "--checkpoint", teacher / "model.pt", "--data", train_beton,
            "--out", cache, "--overwrite", "--workers", args.workers, "--batch-size", 500, "--chunk-rows", 5000],
@@ -170,9 +170,9 @@ def run(args) -> dict:
         f"{args.score} ({args.keep}, per class) {args.fraction:g}, cached KD": (
             out / f"student-{args.score}-kd", ["--indices", selection, "--alpha", "auto", "--cache", cache]),
     }
-    for label, (run, options) in runs.items():
+    for label, (run, options) in runs.items():  # a stage runs only when not done with these commands
         stage(f"student: {label}", (run / "summary.json").is_file(),
-              ["train", *student, "--out", run, *options])
+              ["train", *student, "--out", run, *options, "--overwrite"])
 
     stages = ["data", "teacher", "dump", "select"] + [f"student: {label}" for label in runs]
     return report(out, args, teacher, cache, runs, {k: timings[k] for k in stages}, time.perf_counter() - t_start)

@@ -31,6 +31,9 @@ def select(store, method, fraction, keep, class_balanced, seed, data, ccs_beta, 
     from kdcache.beton import dataset_info
     from kdcache.selection import choose_subset, save_selection, sidecar_path
 
+    if not out.endswith(".npy"):
+        out += ".npy"  # what np.load and `kdcache train --indices` expect; the sidecar goes beside it
+    click.echo(f"selecting {fraction:g} of the training set by {method} ...", err=True)
     info = dataset_info(data) if data else None
     indices, sidecar = choose_subset(info, method, fraction, store=store, keep=keep,
                                      class_balanced=class_balanced, seed=seed, ccs_beta=ccs_beta,

@@ -60,6 +60,7 @@ S = SelectOptions()
               help="Dynamics: AUM averages the margin over this first part of training (Pleiss et al. stop "
                    "before the learning rate decays; cosine decays from the start).")
 @click.option("--resume", is_flag=True, help="Continue a killed run in --out from its last epoch.")
+@click.option("--overwrite", is_flag=True, help="Start over although --out holds a run (finished or killed).")
 def train(**options):
     """Train a student on a pruned subset with knowledge distillation from a cached teacher.
 

@@ -84,7 +84,8 @@ class TrainConfig:
     dynamics_store: str | None = None   # default: OUT/dynamics.zarr, the run's own
     el2n_early_fraction: float = EARLY_FRACTION  # dynamics: el2n_early is EL2N this far into training
     aum_fraction: float = AUM_FRACTION  # dynamics: AUM averages the margin over this first part of training
-    resume: bool = False
+    resume: bool = False                # continue the killed run in `out` (or return its summary if finished)
+    overwrite: bool = False             # start over although `out` holds a run
 
 
 # --- checking a configuration --------------------------------------------------------------------
@@ -143,6 +144,7 @@ def select_subset(cfg: TrainConfig, info: DatasetInfo, labels: np.ndarray | None
             indices = np.unique(np.load(cfg.indices).astype(np.int64))
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read indices from {cfg.indices}: {e}")
+        _check_sidecar(cfg.indices, info)
         if len(indices) == 0 or indices[0] < 0 or indices[-1] >= info.size:
             raise UserError(f"{cfg.indices} holds indices outside 0..{info.size - 1} (or none)")
         return indices, {"method": "file", "source": cfg.indices}
@@ -152,6 +154,22 @@ def select_subset(cfg: TrainConfig, info: DatasetInfo, labels: np.ndarray | None
                          store=cfg.store or cfg.cache, keep=cfg.keep or d.keep, class_balanced=cfg.class_balanced,
                          seed=cfg.seed, ccs_beta=cfg.ccs_beta, ccs_strata=cfg.ccs_strata, ccs_score=cfg.ccs_score,
                          labels=labels)
+
+
+def _check_sidecar(indices: str, info: DatasetInfo) -> None:
+    """Indices chosen on another dataset are refused: `kdcache select` records the training split's
+    fingerprint beside them. A bare .npy without a sidecar is taken on trust."""
+    from .selection import sidecar_path
+    path = sidecar_path(indices)
+    if not path.is_file():
+        return
+    try:
+        have = json.loads(path.read_text()).get("train_fingerprint")
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}")
+    if have is not None and have != info.train_fingerprint:
+        raise UserError(f"{indices} were selected from another dataset (train fingerprint {have}, "
+                        f"expected {info.train_fingerprint} for {info.path})")
 
 
 # --- teachers: one call signature, (images, sample indices) -> logits ----------------------------
@@ -255,13 +273,31 @@ def read_metrics(out: Path) -> list[dict]:
 
 # --- the run -------------------------------------------------------------------------------------
 
+def check_out(cfg: TrainConfig) -> dict | None:
+    """Nothing lost on a crash, nothing overwritten by accident: a run already in --out is resumed or
+    returned (--resume), started over (--overwrite), or else refused. Returns a finished run's summary."""
+    out = Path(cfg.out)
+    if cfg.resume and cfg.overwrite:
+        raise UserError("give either --resume or --overwrite, not both")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a run folder")
+    if (out / SUMMARY).is_file():
+        if cfg.resume:
+            return json.loads((out / SUMMARY).read_text())
+        if not cfg.overwrite:
+            raise UserError(f"{out} holds a finished run: pass --overwrite to train it again, or choose another --out")
+    elif (out / CHECKPOINT).is_file() and not (cfg.resume or cfg.overwrite):
+        raise UserError(f"{out} holds a killed run: pass --resume to continue it, or --overwrite to start over")
+    return None
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train per `cfg`, writing config.json, metrics.jsonl, indices.npy, model.pt and summary.json
     into cfg.out; return the summary (empty on ranks other than 0)."""
     info, test_info, alpha = validate(cfg)
-    summary = Path(cfg.out) / SUMMARY
-    if cfg.resume and summary.is_file():
-        return json.loads(summary.read_text())  # finished already
+    finished = check_out(cfg)
+    if finished is not None:
+        return finished
     device = resolve_device(cfg.device)
     owns_group = init_distributed(device)
     try:
@@ -278,8 +314,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, info: DatasetInfo, test_info: DatasetInfo, alpha: float | None,
                  device: torch.device):
         self.cfg, self.info, self.device = cfg, info, device
-        self.out = Path(cfg.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = Path(cfg.out)  # created only once every check has passed: a refused run leaves nothing
         self.rank, self.world = rank(), world_size()
         labels = self._labels()
         self.indices, self.selection = select_subset(cfg, info, labels)
@@ -322,7 +357,9 @@ class Trainer:
     def _describe(self) -> dict:
         """What config.json records: the options as given plus everything they resolved to."""
         s, cfg = self.schedule, self.cfg
+        amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp, "off")
         return {**dataclasses.asdict(cfg), "alpha_resolved": self.alpha, "temperature_resolved": self.temperature,
+                "amp_resolved": amp,
                 "fraction_kept": self.fraction,
                 "num_selected": len(self.indices), "batch_size_used": self.batch_size,
                 "steps_per_epoch": s.steps_per_epoch, "total_steps": s.total_steps, "epochs_run": s.epochs,
@@ -336,6 +373,7 @@ class Trainer:
         """(first epoch, step, seconds trained): from the last checkpoint when resuming, else a new record."""
         ckpt, metrics = self.out / CHECKPOINT, self.out / METRICS
         start = (0, 0, 0.0)
+        self.out.mkdir(parents=True, exist_ok=True)
         if self.cfg.resume and ckpt.is_file():
             state = torch.load(ckpt, map_location=self.device, weights_only=False)
             if state["selection_hash"] != self.selection_hash or state["total_steps"] != self.schedule.total_steps:
@@ -348,9 +386,13 @@ class Trainer:
             self.train_batches.loader.next_epoch = start[0]  # FFCV seeds each epoch's order with seed + epoch
             if self.rank == 0:  # drop metric lines written after the checkpoint
                 write_lines(metrics, metrics.read_text().splitlines()[:start[0]])
+                print(f"resuming {self.out} from epoch {start[0]} of {self.schedule.epochs}", flush=True)
         elif self.rank == 0:
+            if self.cfg.resume:
+                print(f"nothing to resume in {self.out}: starting a new run", flush=True)
             write_lines(metrics, [])
-            (self.out / SUMMARY).unlink(missing_ok=True)
+            for old in (SUMMARY, CHECKPOINT):
+                (self.out / old).unlink(missing_ok=True)
         if self.rank == 0:
             write_json(self.out / "config.json", self.config)
             save_npy(self.out / "indices.npy", self.indices)
@@ -438,7 +480,8 @@ class Trainer:
                "train_loss": sums[0] / seen, "train_ce": sums[1] / seen, "train_kl": sums[2] / seen,
                "train_acc": sums[3] / seen, "test_loss": self.test_loss if evaluated else None,
                "test_acc": self.test_acc if evaluated else None, "images_per_sec": sums[4] / train_time,
-               "elapsed": self.elapsed}
+               # the first epoch of a process JIT-compiles FFCV's pipeline: its speed is not the steady one
+               "first_in_process": epoch == self.start_epoch, "elapsed": self.elapsed}
         with open(self.out / METRICS, "a") as f:
             f.write(json.dumps(row) + "\n")
         self.checkpoint(epoch + 1)
@@ -472,7 +515,8 @@ class Trainer:
         return summary
 
     def _summary(self, rows: list[dict]) -> dict:
-        speeds = [r["images_per_sec"] for r in rows[1:]] or [rows[-1]["images_per_sec"]]  # epoch 1 JIT-compiles
+        speeds = ([r["images_per_sec"] for r in rows if not r.get("first_in_process", r["epoch"] == 1)]
+                  or [rows[-1]["images_per_sec"]])
         return {"test_acc": self.test_acc, "test_loss": self.test_loss,
                 "best_test_acc": max(r["test_acc"] for r in rows if r["test_acc"] is not None),
                 "train_acc": rows[-1]["train_acc"], "epochs": self.schedule.epochs, "steps": self.step,

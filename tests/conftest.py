@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from kdcache_cli.main import cli
+
+# The suite runs on the CPU, also on a workstation with a GPU: fixtures compare runs exactly against CPU
+# runs. (Set before anything initialises CUDA; a test about CUDA would have to say so and skip without it.)
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# A hung subprocess (a gloo rendezvous, say) fails its test in minutes instead of eating CI's budget.
+SUBPROCESS_TIMEOUT = 180
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10" / "cifar-10-batches-py"
@@ -22,7 +29,7 @@ def run_cli(*args: str, expect: int = 0):
 def run_console(*args: str) -> subprocess.CompletedProcess:
     """Run the installed console script as a user would."""
     exe = Path(sys.executable).with_name("kdcache")
-    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=600)
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
 
 
 def read_beton(path: Path):

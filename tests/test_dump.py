@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import manifest, read_beton, run_cli
+from conftest import SUBPROCESS_TIMEOUT, manifest, read_beton, run_cli
 from torch import nn
 
 from kdcache.errors import UserError
@@ -252,7 +252,7 @@ def test_kill_and_resume_equals_uninterrupted(synth, teacher, full, tmp_path):
     args = ["dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
             "--out", out, *DUMP]
     run = subprocess.run([sys.executable, "-m", "kdcache_cli.main", *map(str, args)], env=env, check=False,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert run.returncode == -9, run.stderr  # SIGKILL
     with pytest.raises(UserError, match="2 of 4 chunks missing"):
         LogitCache(str(out))
@@ -269,7 +269,7 @@ def test_two_process_dump_equals_single_process(synth, teacher, full, tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "kdcache_cli.main", "dump", "--teacher", "resnet20", "--checkpoint", str(teacher),
          "--data", str(synth / "train.beton"), "--out", str(out), "--device", "cpu", *map(str, DUMP)],
-        check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        check=False, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_store(out, full)
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, SUBPROCESS_TIMEOUT, run_cli
 
 from kdcache.report import (
     FAILS,
@@ -58,7 +58,7 @@ def swept(tmp_path_factory):
                               stderr=subprocess.STDOUT, text=True)
     try:
         first = run_cli("sweep", PROTOCOL, "--out", out, "--shard", "0/2", "--workers", 1)
-        killed_log, _ = killed.communicate(timeout=600)
+        killed_log, _ = killed.communicate(timeout=SUBPROCESS_TIMEOUT)
     finally:
         killed.kill()
     assert killed.returncode == -9, killed_log[-3000:]

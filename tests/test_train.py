@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli
+from conftest import SUBPROCESS_TIMEOUT, run_cli
 
 from kdcache.distill import auto_alpha, kd_loss
 
@@ -146,11 +146,16 @@ def test_resume_after_kill_equals_uninterrupted(synth, tmp_path):
     killed = tmp_path / "killed"
     env = {**os.environ, "KDCACHE_DIE_AFTER_EPOCH": "1"}
     p = subprocess.run([sys.executable, "-m", "kdcache_cli.main", *map(str, args), "--out", str(killed)],
-                       env=env, capture_output=True, text=True, timeout=300)
+                       env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert p.returncode == -9, p.stderr[-2000:]
     assert (killed / "last.pt").exists() and not (killed / "summary.json").exists()
     assert len(read_metrics(killed)) == 1
-    run_cli(*args, "--out", killed, "--resume")
+    r = run_cli(*args, "--out", killed, expect=2)  # nothing lost on a crash: no silent restart
+    assert r.output.strip() == (f"error: {killed} holds a killed run: pass --resume to continue it, "
+                                "or --overwrite to start over")
+    assert len(read_metrics(killed)) == 1
+    r = run_cli(*args, "--out", killed, "--resume")
+    assert f"resuming {killed} from epoch 1 of 2" in r.output
     a, b = read_metrics(tmp_path / "whole"), read_metrics(killed)
     assert len(b) == 2
     for key in ("train_loss", "test_loss", "test_acc"):
@@ -217,6 +222,7 @@ def test_cache_of_another_dataset_is_refused(cache, tmp_path):
     r = run_cli("train", "--data", tmp_path / "other" / "train.beton", "--cache", cache, "--out",
                 tmp_path / "x", *FAST, expect=2)
     assert "was made from another dataset" in r.output
+    assert not (tmp_path / "x").exists()  # a refused run leaves no folder behind
     run_cli("data", "synthetic", "--out", tmp_path / "five", "--num-train", 400, "--num-test", 200,
             "--num-classes", 5, "--image-size", 16, "--workers", 1)
     r = run_cli("train", "--data", tmp_path / "five" / "train.beton", "--cache", cache, "--out",
@@ -224,7 +230,7 @@ def test_cache_of_another_dataset_is_refused(cache, tmp_path):
     assert "another dataset" in r.output or "classes" in r.output
 
 
-def torchrun(*args, timeout=600):
+def torchrun(*args, timeout=SUBPROCESS_TIMEOUT):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -293,3 +299,41 @@ def test_recorded_dynamics_go_to_the_runs_own_store_not_the_cache(synth, cache, 
     assert "dynamics" not in open_store(str(cache))  # `dump --overwrite` could otherwise erase them
     prob = open_store(str(out / "dynamics.zarr"))["dynamics/seed0/prob"][:]
     assert prob.shape == (400, 1) and (~np.isnan(prob[:, 0])).sum() == 200  # the half it trained on
+
+
+def test_finished_runs_are_kept_unless_overwritten(synth, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--data", synth / "train.beton", "--indices", _indices(tmp_path, 64), "--alpha", 0,
+            "--epochs", 1, "--no-augment", "--out", out, *FAST]
+    r = run_cli(*args, "--resume")
+    assert f"nothing to resume in {out}: starting a new run" in r.output
+    first = (out / "summary.json").read_text()
+    r = run_cli(*args, expect=2)
+    assert f"{out} holds a finished run: pass --overwrite" in r.output
+    assert run_cli(*args, "--resume").output.count("epoch 1/1") == 0  # finished: nothing trained again
+    assert (out / "summary.json").read_text() == first
+    run_cli(*args, "--overwrite")
+    config = json.loads((out / "config.json").read_text())
+    assert config["amp_resolved"] == "off" and config["device"] == "cpu"  # no autocast on CPU, and it says so
+    assert [r["first_in_process"] for r in read_metrics(out)] == [True]
+    assert "either --resume or --overwrite" in run_cli(*args, "--resume", "--overwrite", expect=2).output
+
+
+def test_indices_selected_from_another_dataset_are_refused(synth, tmp_path):
+    run_cli("data", "synthetic", "--out", tmp_path / "other", "--num-train", 400, "--num-test", 200,
+            "--num-classes", 4, "--image-size", 16, "--seed", 1, "--workers", 1)
+    run_cli("select", "--data", tmp_path / "other" / "train.beton", "--method", "random", "--fraction", 0.5,
+            "--out", tmp_path / "other-sel")  # `.npy` is added
+    r = run_cli("train", "--data", synth / "train.beton", "--indices", tmp_path / "other-sel.npy", "--alpha", 0,
+                "--out", tmp_path / "x", *FAST, expect=2)
+    assert f"{tmp_path / 'other-sel.npy'} were selected from another dataset" in r.output
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_zero():
+    from kdcache.train import lr_at
+
+    assert [lr_at(s, 100, 4, 0.4) for s in range(4)] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert lr_at(4, 100, 4, 0.4) == pytest.approx(0.4)  # the peak, where the cosine starts
+    assert lr_at(52, 100, 4, 0.4) == pytest.approx(0.2)  # half-way through the decay: half the peak
+    assert lr_at(100, 100, 4, 0.4) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(0, 100, 0, 0.4) == pytest.approx(0.4)  # no warm-up
