@@ -269,7 +269,8 @@ def test_two_process_dump_equals_single_process(synth, teacher, full, tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "kdcache_cli.main", "dump", "--teacher", "resnet20", "--checkpoint", str(teacher),
          "--data", str(synth / "train.beton"), "--out", str(out), "--device", "cpu", *map(str, DUMP)],
-        check=False, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        check=False, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_store(out, full)
 
