@@ -39,7 +39,13 @@ from .models import build_model, load_teacher_checkpoint, save_checkpoint
 from .selection import SelectOptions
 
 SUMMARY, METRICS, CHECKPOINT = "summary.json", "metrics.jsonl", "last.pt"
-DIE_AFTER_ENV = "KDCACHE_DIE_AFTER_EPOCH"  # tests: SIGKILL this process after that epoch (a hard crash)
+DIE_AFTER_ENV = "KDCACHE_DIE_AFTER_EPOCH"  # tests: SIGKILL after epoch N ("N") or between its metrics line
+                                           # and its checkpoint ("N:metrics"): a hard crash at that point
+
+
+def _crash_point(point: str) -> None:
+    if os.environ.get(DIE_AFTER_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -484,12 +490,12 @@ class Trainer:
                "first_in_process": epoch == self.start_epoch, "elapsed": self.elapsed}
         with open(self.out / METRICS, "a") as f:
             f.write(json.dumps(row) + "\n")
+        _crash_point(f"{epoch + 1}:metrics")
         self.checkpoint(epoch + 1)
         test = f"{self.test_acc:.4f}" if evaluated else "-"
         print(f"epoch {epoch + 1}/{self.schedule.epochs}  loss {row['train_loss']:.4f}  "
               f"train acc {row['train_acc']:.4f}  test acc {test}  {row['images_per_sec']:.0f} img/s", flush=True)
-        if os.environ.get(DIE_AFTER_ENV) == str(epoch + 1):
-            os.kill(os.getpid(), signal.SIGKILL)
+        _crash_point(str(epoch + 1))
 
     def checkpoint(self, epochs_done: int) -> None:
         with atomic(self.out / CHECKPOINT) as tmp:

@@ -48,6 +48,10 @@ def test_synthetic_round_trip(synth):
     assert m["splits"]["train"]["size"] == 400 and m["splits"]["test"]["size"] == 200
     assert sum(m["splits"]["train"]["class_counts"]) == 400
     assert len(m["classes"]) == 4 and len(m["mean"]) == 3
+    # the normalisation constants every model sees: the training pixels' per-channel mean and std
+    pixels = src.train.images.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(m["mean"], pixels.mean(0), atol=1e-3)
+    np.testing.assert_allclose(m["std"], pixels.std(0), atol=1e-3)
 
 
 def test_fingerprint_stable_and_sensitive(tmp_path, synth):
@@ -88,13 +92,16 @@ def test_cifar10_round_trip(tmp_path):
 def test_cifar100_round_trip(tmp_path):
     rng = np.random.default_rng(2)
     (tmp_path / "src").mkdir()
-    data = rng.integers(0, 256, size=(40, 3072), dtype=np.uint8)
-    labels = rng.integers(0, 100, size=40).tolist()
-    for name in ("train", "test"):
+    splits = {}
+    for name, n in (("train", 40), ("test", 24)):  # different data in each split: a swap would show
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 100, size=n).tolist()
         pickle.dump({b"data": data, b"fine_labels": labels}, open(tmp_path / "src" / name, "wb"))
+        splits[name] = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.array(labels)
     pickle.dump({b"fine_label_names": [f"f{i}".encode() for i in range(100)]}, open(tmp_path / "src" / "meta", "wb"))
     run_cli("data", "cifar100", "--src", tmp_path / "src", "--out", tmp_path / "out", "--workers", 1)
-    check_round_trip(tmp_path / "out", data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.array(labels))
+    for name, (images, labels) in splits.items():
+        check_round_trip(tmp_path / "out", images, labels, name)
     assert manifest(tmp_path / "out")["num_classes"] == 100
 
 

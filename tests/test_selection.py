@@ -215,3 +215,21 @@ def test_select_cli_bad_input_is_one_line_exit_2(synth, store, tmp_path):
     r = run_cli("select", "--store", store, "--method", "ccs", "--ccs-beta", 1, "--fraction", 0.5, *out, expect=2)
     assert "--ccs-beta must be in [0, 1)" in r.output
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_ccs_over_tied_counts_is_deterministic_and_spreads_over_strata():
+    """Forgetting counts are small integers: most samples tie. CCS must still fill its budget exactly,
+    spread it over the strata, and depend on the seed only."""
+    from kdcache.selection import select
+
+    rng = np.random.default_rng(0)
+    counts = rng.choice([0, 0, 0, 0, 1, 1, 2, 3, 7], size=300).astype(float)  # heavy ties, one rare value
+    labels = np.arange(300) % 3
+    a = select("ccs", 0.2, labels, hardness=counts, seed=4, ccs_beta=0.1, ccs_strata=5)
+    b = select("ccs", 0.2, labels, hardness=counts, seed=4, ccs_beta=0.1, ccs_strata=5)
+    assert len(a) == 60 and len(np.unique(a)) == 60 and np.array_equal(a, b)
+    assert not np.array_equal(a, select("ccs", 0.2, labels, hardness=counts, seed=5, ccs_beta=0.1, ccs_strata=5))
+    kept = set(counts[a].tolist())
+    assert {0.0, 1.0, 2.0} <= kept  # the common values are all covered
+    n7 = int((counts == 7).sum())
+    assert (counts[a] == 7).sum() <= n7 - 30  # the hardest 10% (30 samples, all 7s) were dropped first

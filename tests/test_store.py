@@ -131,3 +131,27 @@ def test_info_on_a_store_of_scores_only(tmp_path):
     assert json.loads(run_cli("info", tmp_path / "dyn.zarr", "--json").output)["arrays"][
         "scores/forgetting"]["shape"] == [4]
     assert "no kdcache store" in run_cli("info", tmp_path / "missing.zarr", expect=2).output
+
+
+def test_info_statistics_cover_finished_chunks_only(tmp_path):
+    g = hand_made_cache(tmp_path / "s.zarr", n=10, c=6, chunk_rows=4, done=[1, 0, 1])
+    write_score(g, "loss", np.arange(10.0) * 10)  # rows 4-7 belong to the unfinished chunk
+    stats = describe_store(str(tmp_path / "s.zarr"))["scores"]["loss"]
+    assert (stats["min"], stats["median"], stats["max"]) == (0.0, 25.0, 90.0)  # of 0, 10, 20, 30, 80, 90
+
+
+def test_a_store_at_an_fsspec_url(tmp_path):
+    """Stores live wherever fsspec reaches (s3://, gs://, ...): an in-process memory:// filesystem here."""
+    from kdcache.store import create_logit_arrays, create_store
+
+    url = "memory://kdcache-test/cache.zarr"
+    g = create_store(url, {"kind": LOGITS_KIND, "schema_version": 2, "train_fingerprint": "fp", "num_samples": 6,
+                           "num_classes": 3, "chunk_rows": 4, "topk": None}, overwrite=True)
+    create_logit_arrays(g, num_samples=6, num_classes=3, chunk_rows=4, topk=None, sample=None,
+                        scores={"loss": (True, "")})
+    logits = np.arange(18, dtype=np.float16).reshape(6, 3)
+    g["logits"][:] = logits
+    g["chunks_done"][:] = 1
+    cache = LogitCache(url)
+    np.testing.assert_array_equal(cache.logits(np.array([5, 0])), logits[[5, 0]].astype(np.float32))
+    assert describe_store(url)["complete"] and open_store(url, "r").attrs["train_fingerprint"] == "fp"

@@ -337,3 +337,38 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_zero():
     assert lr_at(52, 100, 4, 0.4) == pytest.approx(0.2)  # half-way through the decay: half the peak
     assert lr_at(100, 100, 4, 0.4) == pytest.approx(0.0, abs=1e-12)
     assert lr_at(0, 100, 0, 0.4) == pytest.approx(0.4)  # no warm-up
+
+
+def test_resume_drops_metrics_written_after_the_last_checkpoint(synth, tmp_path):
+    """Killed between an epoch's metrics line and its checkpoint: the resumed run drops that line and
+    redoes the epoch, ending as the uninterrupted run."""
+    args = ["train", "--data", synth / "train.beton", "--indices", _indices(tmp_path, 128), "--alpha", 0,
+            "--epochs", 2, "--no-augment", *FAST]
+    run_cli(*args, "--out", tmp_path / "whole")
+    killed = tmp_path / "killed"
+    env = {**os.environ, "KDCACHE_DIE_AFTER_EPOCH": "2:metrics"}
+    p = subprocess.run([sys.executable, "-m", "kdcache_cli.main", *map(str, args), "--out", str(killed)],
+                       env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert len(read_metrics(killed)) == 2 and torch.load(killed / "last.pt", weights_only=False)["epoch"] == 1
+    run_cli(*args, "--out", killed, "--resume")
+    a, b = read_metrics(tmp_path / "whole"), read_metrics(killed)
+    assert [r["epoch"] for r in b] == [1, 2]
+    for key in ("train_loss", "test_loss", "test_acc"):
+        assert b[1][key] == pytest.approx(a[1][key], rel=1e-4, abs=1e-5)
+
+
+def test_cache_with_another_number_of_classes_is_refused(synth, tmp_path):
+    """Same dataset fingerprint, another class count: the trainer's own check, not the fingerprint's."""
+    from kdcache.beton import dataset_info
+    from kdcache.store import LOGITS_KIND, create_logit_arrays, create_store
+
+    info = dataset_info(synth / "train.beton")
+    url = str(tmp_path / "five.zarr")
+    g = create_store(url, {"kind": LOGITS_KIND, "schema_version": 2, "train_fingerprint": info.train_fingerprint,
+                           "num_samples": 400, "num_classes": 5, "chunk_rows": 400, "topk": None}, overwrite=False)
+    create_logit_arrays(g, num_samples=400, num_classes=5, chunk_rows=400, topk=None, sample=None, scores={})
+    g["chunks_done"][:] = 1
+    r = run_cli("train", "--data", synth / "train.beton", "--cache", url, "--fraction", 0.5, "--out",
+                tmp_path / "x", *FAST, expect=2)
+    assert r.output.strip() == f"error: cache {url} has 5 classes, the dataset has 4"
