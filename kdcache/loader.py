@@ -48,7 +48,8 @@ class Batches:
             info.path, batch_size=batch_size, num_workers=num_workers,
             order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, seed=seed,
             indices=indices, distributed=distributed,
-            # Never drop a partial batch: an epoch visits every selected sample exactly once (BatchNorm
+            # Never drop a partial batch: an epoch visits every selected sample exactly once (under
+            # `distributed`, FFCV pads shorter shares with repeats, up to world - 1 of them; BatchNorm
             # in conv layers normalises over N*H*W, so even a last batch of one sample is fine).
             drop_last=False,
             pipelines=_pipelines(train if augment is None else augment, self.size, info.small))

@@ -243,7 +243,7 @@ import sys, numpy as np, torch, torch.distributed as dist
 from kdcache.beton import dataset_info
 from kdcache.loader import Batches
 dist.init_process_group("gloo")
-chosen = np.arange(0, 400, 2)
+chosen = np.arange(0, 400, 2)[:int(sys.argv[3])]
 batches = Batches(dataset_info(sys.argv[1]), batch_size=16, train=True, indices=chosen, distributed=True,
                   num_workers=1)
 epochs = [torch.cat([i for _, _, i in batches]).numpy() for _ in range(2)]
@@ -253,7 +253,7 @@ np.save(f"{sys.argv[2]}/rank{dist.get_rank()}.npy", np.stack(epochs))
 
 def test_distributed_ranks_see_disjoint_shares(synth, tmp_path):
     (tmp_path / "share.py").write_text(SHARE_SCRIPT)
-    torchrun(tmp_path / "share.py", synth / "train.beton", tmp_path)
+    torchrun(tmp_path / "share.py", synth / "train.beton", tmp_path, 200)
     r0, r1 = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
     for epoch in range(2):
         assert len(r0[epoch]) == len(r1[epoch]) == 100
@@ -372,3 +372,16 @@ def test_cache_with_another_number_of_classes_is_refused(synth, tmp_path):
     r = run_cli("train", "--data", synth / "train.beton", "--cache", url, "--fraction", 0.5, "--out",
                 tmp_path / "x", *FAST, expect=2)
     assert r.output.strip() == f"error: cache {url} has 5 classes, the dataset has 4"
+
+
+def test_uneven_subset_under_two_ranks_repeats_exactly_one_sample(synth, tmp_path):
+    """101 samples on 2 ranks: FFCV pads the shorter share so that both ranks take the same steps (DDP
+    needs that), so per epoch every sample is seen and exactly world - 1 = 1 of them twice."""
+    (tmp_path / "share.py").write_text(SHARE_SCRIPT)
+    torchrun(tmp_path / "share.py", synth / "train.beton", tmp_path, 101)
+    r0, r1 = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
+    chosen = np.arange(0, 400, 2)[:101]
+    for epoch in range(2):
+        seen = np.concatenate([r0[epoch], r1[epoch]])
+        assert len(r0[epoch]) == len(r1[epoch]) == 51 and sorted(set(seen.tolist())) == chosen.tolist()
+        assert len(seen) - len(set(seen.tolist())) == 1
