@@ -28,6 +28,7 @@ def data(source, src, out, max_side, jpeg_quality, workers, num_train, num_test,
                      image_size=image_size, seed=seed)
     m = convert(ds, out, max_side=max_side, jpeg_quality=jpeg_quality, num_workers=workers, src=src)
     click.echo(f"{source}: {m['splits']['train']['size']} train / {m['splits']['test']['size']} test, "
-               f"{m['num_classes']} classes, fingerprint {m['fingerprint']} -> {out}")
+               f"{m['num_classes']} classes, fingerprint {m['fingerprint']} (train split "
+               f"{m['splits']['train']['fingerprint']}, which stores and selections record) -> {out}")
 
 

@@ -75,6 +75,11 @@ LAYOUT = ("num_samples", "num_classes", "chunk_rows", "topk", "temperature", "sa
 NAMES = {store.TRAIN_FINGERPRINT: "train fingerprint", "checkpoint_sha256": "checkpoint SHA-256"}
 
 
+def _say(value) -> str:
+    """An attribute value in the user's words: `none` rather than Python's None."""
+    return "none" if value is None else str(value)
+
+
 def prepare_store(url: str, attrs: dict, overwrite: bool) -> None:
     """Create the store, or check that the one at `url` is this dump's (to resume it)."""
     old = store.existing_store(url)
@@ -85,8 +90,8 @@ def prepare_store(url: str, attrs: dict, overwrite: bool) -> None:
         for key in IDENTITY + LAYOUT:
             if have.get(key) != attrs[key]:
                 what = NAMES.get(key, key.replace("_", " "))
-                raise UserError(f"store {url} has another {what} ({have.get(key)!r}, this dump: "
-                                f"{attrs[key]!r}); pass --overwrite to start over")
+                raise UserError(f"store {url} has another {what} ({_say(have.get(key))}, this dump: "
+                                f"{_say(attrs[key])}); pass --overwrite to start over")
         group = store.open_store(url, "r+")
         if store.CHUNKS_DONE in group:  # created in full earlier: resume
             return

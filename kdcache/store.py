@@ -78,12 +78,17 @@ def _zarr(open_or_create, url: str, **options) -> zarr.Group:
         raise UserError(f"cannot open {url}: {e} (install fsspec and the filesystem's package, e.g. s3fs)")
 
 
+def where(group: zarr.Group) -> str:
+    """A store's location as the user wrote it: a local store's path without zarr's `file://`."""
+    return str(group.store).removeprefix("file://")
+
+
 def check_dataset(group: zarr.Group, train_fingerprint: str, data: str) -> None:
     """Refuse a store made from another dataset than `data` (a beton whose training split has
     `train_fingerprint`)."""
     have = group.attrs.get(TRAIN_FINGERPRINT)
     if have != train_fingerprint:
-        raise UserError(f"store {group.store} was made from another dataset (train fingerprint {have}, "
+        raise UserError(f"store {where(group)} was made from another dataset (train fingerprint {have}, "
                         f"expected {train_fingerprint} for {data})")
 
 
@@ -100,10 +105,10 @@ def write_labels(group: zarr.Group, labels: np.ndarray) -> None:
 
 
 def read_score(group: zarr.Group, name: str) -> np.ndarray:
-    check_complete(group, str(group.store))  # an unfinished dump's unwritten rows read as zeros
+    check_complete(group, where(group))  # an unfinished dump's unwritten rows read as zeros
     names = score_names(group)
     if name not in names:
-        raise UserError(f"store {group.store} has no score {name!r}; it has: {', '.join(names) or 'none'}")
+        raise UserError(f"store {where(group)} has no score {name!r}; it has: {', '.join(names) or 'none'}")
     return group[SCORES][name][:].astype(np.float32)
 
 

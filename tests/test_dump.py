@@ -282,13 +282,15 @@ def test_mismatched_store_is_refused_until_overwrite(synth, teacher, full, tmp_p
     other = make_teacher(tmp_path / "other.pt", seed=1)
     r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", other, *data, expect=2)
     assert "another checkpoint SHA-256" in r.output and "--overwrite" in r.output
+    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, *data, "--topk", 3, expect=2)
+    assert f"store {out} has another topk (none, this dump: 3)" in r.output  # the user's words, not Python's
 
     g = open_store(str(out), "r+")
     g.attrs["train_fingerprint"] = "0" * 32  # as if made from another dataset
     r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, *data, expect=2)
     assert "another train fingerprint" in r.output
     from kdcache.beton import dataset_info
-    with pytest.raises(UserError, match="another dataset"):
+    with pytest.raises(UserError, match=f"store {out} was made from another dataset"):  # as given, no file://
         LogitCache(str(out), dataset_info(synth / "train.beton"))
 
     run_cli("dump", "--teacher", "resnet20", "--checkpoint", other, *data, "--overwrite")
