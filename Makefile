@@ -7,7 +7,7 @@ APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo paper smoke lint bench bench-dump bench-train clean
+.PHONY: install test demo paper smoke lint bench bench-loader bench-dump bench-train clean
 
 install: $(STAMP)
 
@@ -40,6 +40,9 @@ smoke: install
 	$(KDCACHE) sweep protocols/smoke.toml --out runs/smoke --workers 1
 	$(KDCACHE) report runs/smoke
 
+bench-loader: install
+	$(PY) benchmarks/bench_loader.py $(BENCH_ARGS)
+
 bench-dump: install
 	$(PY) benchmarks/bench_dump.py $(BENCH_ARGS)
 
@@ -47,7 +50,7 @@ bench-train: install
 	$(PY) benchmarks/bench_train.py $(BENCH_ARGS)
 
 # Each benchmark prints its own table and writes benchmarks/results/<name>.json.
-bench: bench-dump bench-train
+bench: bench-loader bench-dump bench-train
 	@$(PY) benchmarks/summary.py
 
 lint: install

@@ -7,7 +7,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 rows = []
 for path in sorted(RESULTS.glob("bench_*.json")):
     r = json.loads(path.read_text())
-    if r["benchmark"] == "dump":
+    if r["benchmark"] == "loader":
+        for path_name, label in (("small", "pad-4 crop + flip"), ("large", "RRC + flip, JPEG")):
+            x = r[path_name]
+            rows.append((f"loader / torch DataLoader ({path_name})", f"{x['ratio_later']:.1f}x", ">= 5x",
+                         f"{x['kdcache_img_s']['later_epochs']:.0f} vs {x['torch_img_s']['later_epochs']:.0f} "
+                         f"img/s, {label}, {r['workers']} workers; first epoch {x['ratio_first']:.2f}x"))
+    elif r["benchmark"] == "dump":
         rows.append(("dump / bare teacher inference", f"{r['ratio']:.3f}", ">= 0.95",
                      f"{r['dump_samples_per_s']:.0f} vs {r['bare_samples_per_s']:.0f} samples/s, {r['teacher']}"))
     elif r["benchmark"] == "train":
@@ -20,7 +26,7 @@ for path in sorted(RESULTS.glob("bench_*.json")):
                          f"saves >= {o['teacher_share']:.0%}", f"saves {o['saving']:.0%}"))
     machine = r["machine"]
 if not rows:
-    raise SystemExit("no results yet: run make bench-dump / make bench-train")
+    raise SystemExit("no results yet: run make bench-loader / make bench-dump / make bench-train")
 print(f"\n{'measure':34s} {'value':>8s}  {'target':16s} detail   ({machine})")
 for name, value, target, detail in rows:
     print(f"{name:34s} {value:>8s}  {target:16s} {detail}")
