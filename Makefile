@@ -7,7 +7,7 @@ APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo paper smoke lint bench bench-loader bench-dump bench-train clean
+.PHONY: install test demo paper smoke lint bench bench-loader bench-dump bench-train bench-gpu clean
 
 install: $(STAMP)
 
@@ -42,6 +42,10 @@ smoke: install
 
 bench-loader: install
 	$(PY) benchmarks/bench_loader.py $(BENCH_ARGS)
+
+# Every GPU measurement in one command (a few minutes on one GPU); writes benchmarks/results/gpu.json.
+bench-gpu: install
+	$(PY) benchmarks/bench_gpu.py $(BENCH_ARGS)
 
 bench-dump: install
 	$(PY) benchmarks/bench_dump.py $(BENCH_ARGS)

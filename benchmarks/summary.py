@@ -5,7 +5,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 rows = []
-for path in sorted(RESULTS.glob("bench_*.json")):
+for path in sorted(RESULTS.glob("bench_*.json")) + sorted(RESULTS.glob("gpu.json")):
     r = json.loads(path.read_text())
     if r["benchmark"] == "loader":
         for path_name, label in (("small", "pad-4 crop + flip"), ("large", "RRC + flip, JPEG")):
@@ -13,6 +13,9 @@ for path in sorted(RESULTS.glob("bench_*.json")):
             rows.append((f"loader / torch DataLoader ({path_name})", f"{x['ratio_later']:.1f}x", ">= 5x",
                          f"{x['kdcache_img_s']['later_epochs']:.0f} vs {x['torch_img_s']['later_epochs']:.0f} "
                          f"img/s, {label}, {r['workers']} workers; first epoch {x['ratio_first']:.2f}x"))
+    elif r["benchmark"] == "gpu" and not r["quick"]:
+        for key, target in r["targets"].items():
+            rows.append((f"GPU {key.replace('_', ' ')}", f"{r['ratios'][key]:.3f}", f">= {target}", r["machine"]))
     elif r["benchmark"] == "dump":
         rows.append(("dump / bare teacher inference", f"{r['ratio']:.3f}", ">= 0.95",
                      f"{r['dump_samples_per_s']:.0f} vs {r['bare_samples_per_s']:.0f} samples/s, {r['teacher']}"))

@@ -1,0 +1,149 @@
+"""Every GPU measurement in one prepared command, for the few minutes a GPU is lent (about 6-8 min on an
+H100 at the default size), all with channels-last and bf16 autocast, written to one results file:
+
+(a) the student's forward + backward images/s on synthetic tensors already on the device (the bound);
+(b) `kdcache train` images/s, CE only;        (c) the same with cached KD;
+(d) online KD, with resnet50 and with the student's own architecture as the teacher;
+(e) `kdcache dump` samples/s against bare teacher inference;
+(f) the accuracy (b) reaches, so that correctness on CUDA is seen too.
+Targets: (c)/(b) >= 0.98, (c)/(d, resnet50) >= 2, (e) >= 0.97, (b)/(a) >= 0.95.
+
+    python benchmarks/bench_gpu.py                        # CIFAR-10 from ../shared, resnet18 student
+    python benchmarks/bench_gpu.py --device cpu --quick   # toy size: what `make test` runs, so it cannot rot
+
+Writes benchmarks/results/gpu.json (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from bench_dump import bare_inference
+from common import RESULTS, default_data, machine
+
+from kdcache.beton import dataset_info
+from kdcache.device import resolve_device
+from kdcache.dump import dump
+from kdcache.models import build_model, load_teacher_checkpoint, save_checkpoint
+from kdcache.train import TrainConfig, train
+
+TARGETS = {"cached_over_ce": 0.98, "cached_over_online_resnet50": 2.0, "dump_over_bare": 0.97,
+           "trainer_over_bound": 0.95}
+
+
+def bound(arch: str, info, dev: torch.device, batch_size: int, steps: int) -> float:
+    """Images/s of the student's training step alone, on one synthetic batch already on the device."""
+    torch.manual_seed(0)
+    model = build_model(arch, info.num_classes, info.image_size).to(dev, memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    x = torch.randn(batch_size, 3, info.image_size, info.image_size, device=dev).contiguous(
+        memory_format=torch.channels_last)
+    y = torch.randint(0, info.num_classes, (batch_size,), device=dev)
+
+    def step() -> None:
+        with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):  # warm-up: cuDNN picks its kernels
+        step()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda *a: None)
+    sync(dev)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(dev)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def quick_data(folder: Path) -> Path:
+    """256 synthetic 16 px images: small enough for resnet50 on a CPU."""
+    from kdcache.beton import convert
+    from kdcache.sources import make_synthetic
+
+    if not (folder / "manifest.json").is_file():
+        convert(make_synthetic(num_train=256, num_test=64, num_classes=4, image_size=16), folder, num_workers=1)
+    return folder / "train.beton"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick", action="store_true",
+                   help="toy size (synthetic 16 px data, resnet8): a check that it runs")
+    p.add_argument("--student", default=None, help="default: resnet18 (resnet8 with --quick)")
+    p.add_argument("--epochs", type=int, default=None, help="per trainer run (default 3; 2 with --quick)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 512 (32 with --quick)")
+    p.add_argument("--workers", type=int, default=-1)
+    p.add_argument("--out", default=str(RESULTS / "gpu.json"))
+    args = p.parse_args()
+    dev = resolve_device(args.device)
+    student = args.student or ("resnet8" if args.quick else "resnet18")
+    epochs, batch = args.epochs or (2 if args.quick else 3), args.batch_size or (32 if args.quick else 512)
+    beton = quick_data(Path(args.out).with_name("gpu-quick-data")) if args.quick else default_data(None, 20000)
+    info = dataset_info(beton)
+    work = Path(args.out).with_name("gpu-work")
+    work.mkdir(parents=True, exist_ok=True)
+    teachers = {}
+    for name in ("resnet50", student):  # random-init teachers: speed does not depend on the weights
+        torch.manual_seed(0)
+        teachers[name] = work / f"{name}.pt"
+        save_checkpoint(teachers[name], build_model(name, info.num_classes, info.image_size), arch=name,
+                        num_classes=info.num_classes, image_size=info.image_size)
+    print(f"{student} student on {info.size} samples ({info.image_size} px), batch {batch}, {machine(dev)}", flush=True)
+
+    # (e) first: it also writes the cache (c) reads
+    teacher = load_teacher_checkpoint(teachers[student], student, info.num_classes, info.image_size, dev)
+    bare_inference(teacher, info, dev, batch, args.workers)  # FFCV compiles its pipeline
+    bare = bare_inference(teacher, info, dev, batch, args.workers)
+    start = time.perf_counter()
+    dump(teacher=student, checkpoint=str(teachers[student]), data=str(beton), out=str(work / "cache.zarr"),
+         batch_size=batch, chunk_rows=batch * 8, device=str(dev), workers=args.workers, overwrite=True,
+         progress=False)
+    dumped = info.size / (time.perf_counter() - start)
+
+    a = bound(student, info, dev, batch, steps=5 if args.quick else 50)
+    base = dict(data=str(beton), arch=student, fraction=1.0, epochs=epochs, batch_size=batch, device=str(dev),
+                eval_every=10**6, seed=0, workers=args.workers, overwrite=True)
+    modes = {"ce": dict(alpha="0"), "cached_kd": dict(alpha="0.9", cache=str(work / "cache.zarr")),
+             "online_kd_resnet50": dict(alpha="0.9", teacher_online="resnet50",
+                                        teacher_checkpoint=str(teachers["resnet50"])),
+             f"online_kd_{student}": dict(alpha="0.9", teacher_online=student,
+                                          teacher_checkpoint=str(teachers[student]))}
+    summaries = {}
+    for mode, options in modes.items():
+        print(f"--- {mode}", flush=True)
+        summaries[mode] = train(TrainConfig(out=str(work / mode), **base, **options))
+    speed = {mode: s["images_per_sec"] for mode, s in summaries.items()}
+    ratios = {"cached_over_ce": speed["cached_kd"] / speed["ce"],
+              "cached_over_online_resnet50": speed["cached_kd"] / speed["online_kd_resnet50"],
+              f"cached_over_online_{student}": speed["cached_kd"] / speed[f"online_kd_{student}"],
+              "dump_over_bare": dumped / bare, "trainer_over_bound": speed["ce"] / a}
+    result = {"benchmark": "gpu", "machine": machine(dev), "device": str(dev), "torch": torch.__version__,
+              "python": platform.python_version(), "quick": args.quick, "student": student, "data": str(beton),
+              "samples": info.size, "batch_size": batch, "epochs": epochs,
+              "bound_images_per_sec": a, "images_per_sec": speed, "bare_samples_per_sec": bare,
+              "dump_samples_per_sec": dumped, "ratios": ratios, "targets": TARGETS,
+              "met": {k: ratios[k] >= t for k, t in TARGETS.items()},
+              "accuracy_after_ce_run": summaries["ce"]["test_acc"]}
+    print(f"\n(a) bound {a:9.0f} img/s")
+    for mode, ips in speed.items():
+        print(f"    {mode:24s} {ips:9.0f} img/s")
+    print(f"(e) dump {dumped:.0f} samples/s vs bare {bare:.0f}   (f) accuracy after {epochs} CE epochs: "
+          f"{summaries['ce']['test_acc']:.4f}")
+    for key, target in TARGETS.items():
+        print(f"    {key:30s} {ratios[key]:7.3f}  target >= {target}  {'met' if result['met'][key] else 'NOT met'}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
