@@ -7,7 +7,7 @@ APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo paper smoke lint bench bench-loader bench-dump bench-train bench-gpu clean
+.PHONY: install test demo paper smoke lint bench bench-loader bench-dump bench-train bench-study bench-gpu clean
 
 install: $(STAMP)
 
@@ -47,6 +47,9 @@ bench-loader: install
 bench-gpu: install
 	$(PY) benchmarks/bench_gpu.py $(BENCH_ARGS)
 
+bench-study: install
+	$(PY) benchmarks/bench_study.py $(BENCH_ARGS)
+
 bench-dump: install
 	$(PY) benchmarks/bench_dump.py $(BENCH_ARGS)
 
@@ -54,7 +57,7 @@ bench-train: install
 	$(PY) benchmarks/bench_train.py $(BENCH_ARGS)
 
 # Each benchmark prints its own table and writes benchmarks/results/<name>.json.
-bench: bench-loader bench-dump bench-train
+bench: bench-loader bench-dump bench-train bench-study
 	@$(PY) benchmarks/summary.py
 
 lint: install

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, default_data, machine
+from common import RESULTS, beton_arrays, default_data, machine
 
 from kdcache.beton import convert, dataset_info
 from kdcache.loader import Batches
@@ -83,20 +83,6 @@ def small_images(args, beton: Path, images: np.ndarray, labels: np.ndarray) -> d
     transform = T.Compose([T.RandomCrop(info.image_size, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                            T.Normalize([m / 255 for m in info.mean], [s / 255 for s in info.std])])
     return compare("small", info, ArrayDataset(images[:n], labels[:n], transform), args)
-
-
-def beton_arrays(beton: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Every image (N, H, W, 3) uint8 and label of a small-image beton, in sample-index order: the
-    torchvision side reads exactly the pixels kdcache's does."""
-    from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-
-    loader = Loader(str(beton), batch_size=512, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
-                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()], "index": [IntDecoder()]})
-    images, labels, index = zip(*((np.array(x), np.array(y).ravel(), np.array(i).ravel()) for x, y, i in loader))
-    order = np.argsort(np.concatenate(index))
-    return np.concatenate(images)[order], np.concatenate(labels)[order]
 
 
 def large_images(args, images: np.ndarray, labels: np.ndarray) -> dict:

@@ -5,6 +5,7 @@ import os
 import platform
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kdcache.beton import convert
@@ -41,3 +42,17 @@ def machine(dev: torch.device) -> str:
     except OSError:
         pass
     return f"{model}, {os.cpu_count()} cores"
+
+
+def beton_arrays(beton: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every image (N, H, W, 3) uint8 and label of a small-image beton, in sample-index order: the very
+    pixels kdcache's loader reads, for a baseline loader or a smaller copy."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+
+    loader = Loader(str(beton), batch_size=512, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()], "index": [IntDecoder()]})
+    images, labels, index = zip(*((np.array(x), np.array(y).ravel(), np.array(i).ravel()) for x, y, i in loader))
+    order = np.argsort(np.concatenate(index))
+    return np.concatenate(images)[order], np.concatenate(labels)[order]

@@ -16,6 +16,12 @@ for path in sorted(RESULTS.glob("bench_*.json")) + sorted(RESULTS.glob("gpu.json
     elif r["benchmark"] == "gpu" and not r["quick"]:
         for key, target in r["targets"].items():
             rows.append((f"GPU {key.replace('_', ' ')}", f"{r['ratios'][key]:.3f}", f">= {target}", r["machine"]))
+    elif r["benchmark"] == "study":
+        for teacher, t in r["by_teacher"].items():
+            target = f">= {r['target_speedup_resnet50']}x" if teacher == "resnet50" else ""
+            rows.append((f"study of {r['students']}: cache / online ({teacher})", f"{t['speedup']:.1f}x", target,
+                         f"{t['cached_study_seconds']:.0f} s vs {t['online_seconds_scaled']:.0f} s; break-even at "
+                         f"{t['break_even_students'] or float('inf'):.1f} students"))
     elif r["benchmark"] == "dump":
         rows.append(("dump / bare teacher inference", f"{r['ratio']:.3f}", ">= 0.95",
                      f"{r['dump_samples_per_s']:.0f} vs {r['bare_samples_per_s']:.0f} samples/s, {r['teacher']}"))
