@@ -6,20 +6,19 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from .augment import crop_flip, draw
 from .beton import DatasetInfo
 
 
 def _pipelines(augment: bool, size: int, small: bool) -> dict:
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
-    from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, ToTensor, ToTorchImage
+    from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
 
     from .beton import CROP_RATIO
 
-    if small:
+    if small:  # augmented, if at all, on the device from seeded draws: kdcache.augment
         image = [SimpleRGBImageDecoder()]
-        if augment:  # random crop with 4 px zero padding + flip, the CIFAR standard (DeepCore)
-            image += [RandomTranslate(padding=4), RandomHorizontalFlip()]
     elif augment:
         image = [RandomResizedCropRGBImageDecoder((size, size)), RandomHorizontalFlip()]
     else:
@@ -33,7 +32,9 @@ class Batches:
     buffers, so a batch stays valid after the next one arrives.
 
     `train` means random order and augmentation (unless `augment` says otherwise); otherwise the
-    samples come in index order, unaugmented, every one of them."""
+    samples come in index order, unaugmented, every one of them. Small images are augmented with
+    `kdcache.augment` (crop + flip drawn from seed, epoch and sample index: reproducible); image folders
+    with FFCV's random-resized crop + flip (not yet seeded)."""
 
     def __init__(self, info: DatasetInfo, *, batch_size: int, train: bool, device: torch.device | str = "cpu",
                  indices: Sequence[int] | None = None, seed: int = 0, distributed: bool = False,
@@ -42,6 +43,8 @@ class Batches:
 
         self.device = torch.device(device)
         self.size = info.image_size
+        self.seed = seed
+        self.crop_flip = info.small and (train if augment is None else augment)
         if indices is not None:
             indices = np.sort(np.asarray(indices, dtype=np.int64))
         self.loader = Loader(
@@ -60,8 +63,12 @@ class Batches:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        epoch = self.loader.next_epoch  # FFCV's counter (it seeds the order); restored on resume
         for images, labels, index in self.loader:
             x = images.to(self.device, non_blocking=True).float()  # .float() makes a fresh tensor
+            if self.crop_flip:
+                shifts = draw(self.seed, epoch, index.numpy().ravel())
+                x = crop_flip(x, *(torch.from_numpy(a).to(self.device) for a in shifts))
             x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
             yield (x, labels.reshape(-1).to(self.device, copy=True),
                    index.reshape(-1).to(self.device, copy=True))

@@ -12,25 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser: a well-mixed 64-bit value from each 64-bit counter (vectorised)."""
-    with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK
-        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK
-        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK
-        return x ^ (x >> np.uint64(31))
-
-
-def uniforms(seed: int, index: np.ndarray, draws: int) -> np.ndarray:
-    """(len(index), draws) float64 in [0, 1), a function of (seed, index, draw) only."""
-    index = np.asarray(index, dtype=np.uint64)
-    counter = index[:, None] * np.uint64(draws) + np.arange(draws, dtype=np.uint64)[None, :]
-    with np.errstate(over="ignore"):
-        bits = _splitmix64(counter ^ _splitmix64(np.full(1, seed, dtype=np.uint64)))
-    return (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53  # the top 53 bits: exact in a double
+from .rng import uniforms
 
 
 def sample_targets(probs: np.ndarray, index: np.ndarray, draws: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

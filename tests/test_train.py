@@ -139,9 +139,10 @@ def _indices(tmp_path, n):
     return path
 
 
-def test_resume_after_kill_equals_uninterrupted(synth, tmp_path):
+@pytest.mark.parametrize("augment", ["--no-augment", "--augment"])  # augmentations are seeded too
+def test_resume_after_kill_equals_uninterrupted(synth, tmp_path, augment):
     args = ["train", "--data", synth / "train.beton", "--indices", _indices(tmp_path, 128), "--alpha", 0,
-            "--epochs", 2, "--no-augment", *FAST]
+            "--epochs", 2, augment, *FAST]
     run_cli(*args, "--out", tmp_path / "whole")
     killed = tmp_path / "killed"
     env = {**os.environ, "KDCACHE_DIE_AFTER_EPOCH": "1"}

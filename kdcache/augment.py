@@ -1,0 +1,38 @@
+"""The small-image augmentation (random crop with 4 px zero padding + horizontal flip, the CIFAR recipe
+DeepCore uses), drawn per sample from (seed, epoch, sample index) and applied to a whole batch on its
+device.
+
+FFCV's own RandomTranslate and RandomHorizontalFlip draw from an unseeded generator, so two runs with
+one seed differed; these draws are a function of the sample and the epoch only: the same run twice, or
+resumed, sees the same pixels, whatever the batches or processes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .rng import uniforms
+
+PAD = 4  # pixels of zero padding the crop may shift by, each way
+
+
+def draw(seed: int, epoch: int, index: np.ndarray, pad: int = PAD) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per sample: a shift (dy, dx), each uniform in -pad..pad, and a flip (True with probability 1/2)."""
+    u = uniforms(seed, index, 3, stream=epoch + 1)
+    shift = np.minimum((u[:, :2] * (2 * pad + 1)).astype(np.int64), 2 * pad) - pad
+    return shift[:, 0], shift[:, 1], u[:, 2] < 0.5
+
+
+def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
+              pad: int = PAD) -> torch.Tensor:
+    """Shift each image of `x` (B, C, H, W) by (dy[b], dx[b]) inside a zero border of `pad` pixels and
+    mirror it where flip[b]: the crop of the padded image at (pad + dy, pad + dx), in one gather."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = torch.arange(h, device=x.device) + pad + dy[:, None]          # (B, H)
+    cols = torch.arange(w, device=x.device) + pad + dx[:, None]          # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
