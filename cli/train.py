@@ -40,7 +40,12 @@ S = SelectOptions()
 @click.option("--lr", default=C.lr, **SHOW, help="Peak learning rate (SGD, Nesterov).")
 @click.option("--momentum", default=C.momentum, **SHOW)
 @click.option("--weight-decay", default=C.weight_decay, **SHOW, help="Not applied to norms and biases.")
-@click.option("--warmup", default=C.warmup, **SHOW, help="Fraction of steps with linear warm-up (then cosine decay).")
+@click.option("--warmup", default=C.warmup, **SHOW,
+              help="Fraction of steps with linear warm-up (at least 10 steps, at most a quarter of the run; "
+                   "then cosine decay).")
+@click.option("--bn-batches", default=C.bn_batches, **SHOW,
+              help="Re-estimate BatchNorm statistics over this many training batches before each evaluation "
+                   "(0: off).")
 @click.option("--label-smoothing", default=C.label_smoothing, **SHOW)
 @click.option("--augment/--no-augment", default=C.augment, **SHOW,
               help="Random crop (4 px padding) + flip; image folders: random-resized crop + flip.")

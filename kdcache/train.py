@@ -39,6 +39,7 @@ from .models import build_model, load_teacher_checkpoint, save_checkpoint
 from .selection import SelectOptions
 
 SUMMARY, METRICS, CHECKPOINT = "summary.json", "metrics.jsonl", "last.pt"
+WARMUP_FLOOR = 10  # steps: `--warmup` of a short run must not round to no warm-up at all (then KD diverges)
 DIE_AFTER_ENV = "KDCACHE_DIE_AFTER_EPOCH"  # tests: SIGKILL after epoch N ("N") or between its metrics line
                                            # and its checkpoint ("N:metrics"): a hard crash at that point
 
@@ -75,7 +76,11 @@ class TrainConfig:
     lr: float = 0.1                     # peak, SGD with Nesterov momentum (DeepCore's CIFAR default)
     momentum: float = 0.9
     weight_decay: float = 5e-4          # not on norms and biases
-    warmup: float = 0.02                # fraction of all steps spent warming up linearly
+    warmup: float = 0.02                # fraction of all steps spent warming up linearly (at least
+                                        # WARMUP_FLOOR steps, at most a quarter of the run)
+    bn_batches: int = 20                # before each evaluation, BatchNorm statistics re-estimated over
+                                        # this many training batches (0: off; the running averages lag
+                                        # far behind fast-moving weights in short runs)
     label_smoothing: float = 0.0
     augment: bool = True                # small images: random crop with 4 px padding + flip; else RRC + flip
     seed: int = 0                       # selection, initialisation and data order
@@ -108,6 +113,8 @@ def validate(cfg: TrainConfig) -> tuple[DatasetInfo, DatasetInfo, float | None]:
     for name in ("epochs", "batch_size", "eval_every"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.bn_batches < 0:
+        raise UserError(f"--bn-batches must be 0 (off) or more, got {cfg.bn_batches}")
     if cfg.steps is not None and cfg.steps < 1:
         raise UserError("--steps must be at least 1")
     if cfg.temperature is not None and not cfg.temperature > 0:
@@ -238,7 +245,8 @@ class Schedule:
     @classmethod
     def of(cls, cfg: TrainConfig, steps_per_epoch: int) -> Schedule:
         total = cfg.steps or cfg.epochs * steps_per_epoch
-        return cls(steps_per_epoch, total, math.ceil(total / steps_per_epoch), int(cfg.warmup * total))
+        warmup = max(int(cfg.warmup * total), min(WARMUP_FLOOR, total // 4)) if cfg.warmup > 0 else 0
+        return cls(steps_per_epoch, total, math.ceil(total / steps_per_epoch), warmup)
 
 
 def lr_at(step: int, total: int, warmup_steps: int, peak: float) -> float:
@@ -257,6 +265,27 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
                             {"params": no_decay, "weight_decay": 0.0}],
                            lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Batches, amp: torch.dtype | None) -> None:
+    """Re-estimate every BatchNorm layer's running mean and variance over `batches` (an exact average,
+    as torch.optim.swa_utils.update_bn does): evaluation then uses statistics of the current weights."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    was_training = model.training
+    model.train()
+    with torch.autocast(batches.device.type, amp, enabled=amp is not None):
+        for x, _, _ in batches:
+            model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
 
 
 @torch.no_grad()
@@ -336,6 +365,7 @@ class Trainer:
                                      device=device, indices=self.indices, seed=cfg.seed,
                                      distributed=self.world > 1, num_workers=cfg.workers)
         self.test_batches = Batches(test_info, batch_size=512, train=False, device=device, num_workers=cfg.workers)
+        self.bn_batches = self._bn_batches()
         self.schedule = Schedule.of(cfg, len(self.train_batches))
         self.opt = make_optimizer(self.model, cfg)
         self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if device.type == "cuda" else None
@@ -359,6 +389,16 @@ class Trainer:
         if batch_size < 2:
             raise UserError(f"{len(self.indices)} selected samples are too few to train on {self.world} process(es)")
         return batch_size
+
+    def _bn_batches(self) -> Batches | None:
+        """A fixed, seeded part of the training subset, unaugmented, for re-estimating BatchNorm statistics
+        (a loader of its own: drawing from the training loader would advance its epochs)."""
+        n = min(len(self.indices), self.cfg.bn_batches * self.batch_size)
+        if n == 0:
+            return None
+        part = np.random.default_rng(self.cfg.seed).choice(self.indices, n, replace=False)
+        return Batches(self.info, batch_size=self.batch_size, train=False, device=self.device, indices=part,
+                       num_workers=self.cfg.workers)
 
     def _describe(self) -> dict:
         """What config.json records: the options as given plus everything they resolved to."""
@@ -479,6 +519,8 @@ class Trainer:
         self.elapsed += train_time
         evaluated = self.rank == 0 and ((epoch + 1) % self.cfg.eval_every == 0 or epoch == self.schedule.epochs - 1)
         if evaluated:
+            if self.bn_batches is not None:
+                recalibrate_bn(self.model, self.bn_batches, self.amp)
             self.test_loss, self.test_acc = evaluate(self.model, self.test_batches, self.amp)
         if self.rank != 0:
             return

@@ -386,3 +386,42 @@ def test_uneven_subset_under_two_ranks_repeats_exactly_one_sample(synth, tmp_pat
         seen = np.concatenate([r0[epoch], r1[epoch]])
         assert len(r0[epoch]) == len(r1[epoch]) == 51 and sorted(set(seen.tolist())) == chosen.tolist()
         assert len(seen) - len(set(seen.tolist())) == 1
+
+
+def test_short_kd_run_evaluates_with_statistics_of_its_own_weights(synth, cache, tmp_path):
+    """Ten steps at lr 0.1 move the weights faster than BatchNorm's running averages follow: evaluated
+    with them, a short KD run fell to chance. Re-estimated before evaluation (`--bn-batches`), its test
+    accuracy is that of the same weights normalised by batch statistics."""
+    from kdcache.beton import dataset_info
+    from kdcache.loader import Batches
+    from kdcache.models import load_checkpoint
+    from kdcache.train import evaluate
+
+    out = tmp_path / "short"
+    run_cli("train", "--data", synth / "train.beton", "--cache", cache, "--fraction", 0.5, "--epochs", 5,
+            "--arch", "resnet20", "--workers", 1, "--out", out)
+    summary = json.loads((out / "summary.json").read_text())
+    model, _ = load_checkpoint(out / "model.pt")
+    test = Batches(dataset_info(synth / "test.beton"), batch_size=200, train=False, num_workers=1)
+    model.train()  # batch statistics: what the weights do without any running average
+    with torch.no_grad():
+        correct = sum((model(x).argmax(1) == y).sum().item() for x, y, _ in test)
+    batch_stats_acc = correct / 200
+    assert summary["test_acc"] > 0.4, summary["test_acc"]  # chance: 0.25
+    assert abs(summary["test_acc"] - batch_stats_acc) < 0.1, (summary["test_acc"], batch_stats_acc)
+    assert evaluate(model.eval(), test, None)[1] == pytest.approx(summary["test_acc"])  # what model.pt holds
+    # the same run without re-estimation: evaluated with the lagging running averages
+    run_cli("train", "--data", synth / "train.beton", "--cache", cache, "--fraction", 0.5, "--epochs", 5,
+            "--arch", "resnet20", "--workers", 1, "--bn-batches", 0, "--out", tmp_path / "lagging")
+    lagging = json.loads((tmp_path / "lagging" / "summary.json").read_text())["test_acc"]
+    assert lagging < summary["test_acc"] - 0.1, (lagging, summary["test_acc"])
+
+
+def test_warm_up_has_a_floor_in_steps():
+    from kdcache.train import Schedule, TrainConfig
+
+    short = Schedule.of(TrainConfig(data="", out="", epochs=5, warmup=0.02), steps_per_epoch=4)
+    assert (short.total_steps, short.warmup_steps) == (20, 5)  # 2% of 20 rounds to 0: a quarter of the run
+    long = Schedule.of(TrainConfig(data="", out="", epochs=100, warmup=0.02), steps_per_epoch=100)
+    assert long.warmup_steps == 200  # long runs: the fraction as given
+    assert Schedule.of(TrainConfig(data="", out="", epochs=5, warmup=0), steps_per_epoch=4).warmup_steps == 0
