@@ -1,4 +1,6 @@
 """`kdcache select`: a pruned subset of the training set, as sample indices."""
+import sys
+
 import click
 
 from kdcache.selection import METHODS_HELP, SelectOptions
@@ -33,7 +35,8 @@ def select(store, method, fraction, keep, class_balanced, seed, data, ccs_beta, 
 
     if not out.endswith(".npy"):
         out += ".npy"  # what np.load and `kdcache train --indices` expect; the sidecar goes beside it
-    click.echo(f"selecting {fraction:g} of the training set by {method} ...", err=True)
+    if sys.stderr.isatty():  # a progress note for a person waiting; errors stay one line in logs and pipes
+        click.echo(f"selecting {fraction:g} of the training set by {method} ...", err=True)
     info = dataset_info(data) if data else None
     indices, sidecar = choose_subset(info, method, fraction, store=store, keep=keep,
                                      class_balanced=class_balanced, seed=seed, ccs_beta=ccs_beta,

@@ -94,7 +94,7 @@ DYNAMICS_SCORES = ("forgetting", "el2n_early", "dynunc", "aum")
 
 TRAIN_KEYS = {"arch": str, "epochs": int, "steps": int, "batch_size": int, "lr": float, "momentum": float,
               "weight_decay": float, "warmup": float, "label_smoothing": float, "augment": bool,
-              "eval_every": int, "amp": str, "compile": bool}
+              "eval_every": int, "amp": str, "compile": bool, "bn_batches": int}
 SELECT_KEYS = {"keep": str, "class_balanced": bool, "ccs_beta": float, "ccs_strata": int, "ccs_score": str}
 STUDENT_KEYS = {"fraction": float, "method": str, "alpha": float, "temperature": float, "seed": int,
                 "teacher": str, "online": bool, "scores": str, **SELECT_KEYS, **TRAIN_KEYS}
@@ -301,7 +301,12 @@ def short_hash(obj) -> str:
 
 
 def _stage(kind: str, prefix: str, config: dict, deps: list[Stage], suffix: str = "") -> Stage:
-    ident = short_hash({"kind": kind, "config": config, "deps": [d.name for d in deps]})
+    from .train import TRAINER_REVISION
+
+    ident = {"kind": kind, "config": config, "deps": [d.name for d in deps]}
+    if kind in ("teacher", "student"):  # runs of another trainer are other runs, never reused
+        ident["trainer"] = TRAINER_REVISION
+    ident = short_hash(ident)
     return Stage(kind, f"{prefix}-{ident}{suffix}", config, deps)
 
 

@@ -39,6 +39,10 @@ from .models import build_model, load_teacher_checkpoint, save_checkpoint
 from .selection import SelectOptions
 
 SUMMARY, METRICS, CHECKPOINT = "summary.json", "metrics.jsonl", "last.pt"
+# What training computes, beyond its options: bump it with any change that alters results (sweeps hash it,
+# so that a study never mixes runs of two trainers). 2: augmentation drawn per sample on the device,
+# BatchNorm statistics re-estimated before evaluation, a warm-up floor.
+TRAINER_REVISION = 2
 WARMUP_FLOOR = 10  # steps: `--warmup` of a short run must not round to no warm-up at all (then KD diverges)
 DIE_AFTER_ENV = "KDCACHE_DIE_AFTER_EPOCH"  # tests: SIGKILL after epoch N ("N") or between its metrics line
                                            # and its checkpoint ("N:metrics"): a hard crash at that point
