@@ -322,12 +322,29 @@ def check_out(cfg: TrainConfig) -> dict | None:
         raise UserError(f"--out {out} is a file, not a run folder")
     if (out / SUMMARY).is_file():
         if cfg.resume:
+            _check_same_options(cfg, out)
             return json.loads((out / SUMMARY).read_text())
         if not cfg.overwrite:
             raise UserError(f"{out} holds a finished run: pass --overwrite to train it again, or choose another --out")
     elif (out / CHECKPOINT).is_file() and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out} holds a killed run: pass --resume to continue it, or --overwrite to start over")
     return None
+
+
+NOT_RESULTS = {"out", "resume", "overwrite", "workers", "device"}  # options that do not change what a run computes
+
+
+def _check_same_options(cfg: TrainConfig, out: Path) -> None:
+    """--resume returns a finished run only if it ran with these options: never a stale result."""
+    try:
+        recorded = json.loads((out / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # a summary without its config: nothing to compare against
+    differ = [f.name for f in dataclasses.fields(cfg) if f.name not in NOT_RESULTS and f.name in recorded
+              and recorded[f.name] != getattr(cfg, f.name)]
+    if differ:
+        raise UserError(f"{out} holds a finished run with other options ({', '.join(differ)}); pass --overwrite "
+                        "to train it again, or choose another --out")
 
 
 def train(cfg: TrainConfig) -> dict:

@@ -320,7 +320,8 @@ def test_user_mistakes_are_one_line_errors(synth, teacher, tmp_path):
     assert "is not a kdcache store" in r.output and (tmp_path / "notes" / "keep.txt").exists()
 
 
-def test_non_finite_output_names_first_bad_sample(synth, teacher, tmp_path, monkeypatch):
+@pytest.mark.parametrize("bad", [float("nan"), 1e6])  # NaN, and finite in float32 but beyond float16's range
+def test_non_finite_output_names_first_bad_sample(synth, teacher, tmp_path, monkeypatch, bad):
     import kdcache.dump
     x, _, _, _ = direct_outputs(synth, teacher)
     targets = x.mean((1, 2, 3))[[300, 170]]  # two samples past the first chunk, which is written fine
@@ -331,13 +332,13 @@ def test_non_finite_output_names_first_bad_sample(synth, teacher, tmp_path, monk
     expected = int(torch.nonzero(is_bad(x))[0])
     assert expected >= 128
 
-    class Faulty(nn.Module):  # nan logits for the chosen samples
+    class Faulty(nn.Module):  # bad logits for the chosen samples
         def __init__(self, model):
             super().__init__()
             self.model = model
 
         def forward(self, x):
-            return torch.where(is_bad(x)[:, None], torch.nan, self.model(x))
+            return torch.where(is_bad(x)[:, None], bad, self.model(x))
 
     load = kdcache.dump.load_teacher
 

@@ -313,6 +313,8 @@ def test_finished_runs_are_kept_unless_overwritten(synth, tmp_path):
     assert f"{out} holds a finished run: pass --overwrite" in r.output
     assert run_cli(*args, "--resume").output.count("epoch 1/1") == 0  # finished: nothing trained again
     assert (out / "summary.json").read_text() == first
+    r = run_cli(*args, "--resume", "--lr", 0.2, expect=2)  # another run than the one in --out
+    assert f"{out} holds a finished run with other options (lr); pass --overwrite" in r.output
     run_cli(*args, "--overwrite")
     config = json.loads((out / "config.json").read_text())
     assert config["amp_resolved"] == "off" and config["device"] == "cpu"  # no autocast on CPU, and it says so
