@@ -20,8 +20,7 @@ from .files import atomic, write_json
 from .sources import Source, Split
 
 MANIFEST = "manifest.json"
-IMAGENET_MEAN = [123.675, 116.28, 103.53]
-IMAGENET_STD = [58.395, 57.12, 57.375]
+STATS_SAMPLE = 2000  # image folders: the training images the channel mean and std are measured on
 CROP_RATIO = 224 / 256  # image folders: the side models see over the stored side (ImageNet's centre crop)
 LARGE_SIDE = 224        # ... and the side they see once the stored side is 256 px or more
 
@@ -69,8 +68,26 @@ def write_beton(split: Split, path: Path, *, jpeg: bool, max_side: int | None,
         writer.from_indexed_dataset(_Indexed(split))
 
 
+def pixel_stats(split: Split, block: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (0..255) of a split's pixels, in blocks (no float64 copy of the whole
+    set); for an image folder, of a seeded sample of STATS_SAMPLE images at their stored size."""
+    if split.images is not None:
+        blocks = (split.images[i:i + block] for i in range(0, len(split.images), block))
+    else:
+        from PIL import Image
+        pick = np.random.default_rng(0).permutation(len(split.paths))[:STATS_SAMPLE]
+        blocks = (np.asarray(Image.open(split.paths[i]).convert("RGB"))[None] for i in sorted(pick))
+    n, total, squares = 0, np.zeros(3), np.zeros(3)
+    for images in blocks:
+        pixels = images.reshape(-1, 3).astype(np.float64)
+        n, total, squares = n + len(pixels), total + pixels.sum(0), squares + (pixels * pixels).sum(0)
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean * mean, 0))
+    return mean.round(3).tolist(), std.round(3).tolist()
+
+
 def convert(source: Source, out_dir: str | Path, *, max_side: int = 256, jpeg_quality: int = 90,
-            num_workers: int = -1, src: str | None = None) -> dict:
+            num_workers: int = -1, src: str | None = None, crop_side: int | None = None) -> dict:
     """Write train.beton, test.beton and manifest.json into `out_dir`; return the manifest."""
     out = Path(out_dir)
     try:
@@ -93,20 +110,16 @@ def convert(source: Source, out_dir: str | Path, *, max_side: int = 256, jpeg_qu
         splits[name] = {"file": f"{name}.beton", "size": len(split), "fingerprint": fingerprint(split),
                         "class_counts": counts.tolist()}
 
-    if jpeg:
-        image_shape, mean, std = None, IMAGENET_MEAN, IMAGENET_STD
-    else:
-        image_shape = list(source.train.images.shape[1:])
-        pixels = source.train.images.reshape(-1, 3).astype(np.float64)
-        mean, std = pixels.mean(0).round(3).tolist(), pixels.std(0).round(3).tolist()
+    mean, std = pixel_stats(source.train)
     manifest = {
         "schema": 1,
         "source": source.name,
         "src": str(src) if src else None,
         "num_classes": len(source.classes),
         "classes": source.classes,
-        "image_shape": image_shape,
+        "image_shape": None if jpeg else list(source.train.images.shape[1:]),
         "max_side": max_side if jpeg else None,
+        "crop_side": (crop_side or default_crop(max_side)) if jpeg else None,
         "mean": mean,
         "std": std,
         "splits": splits,
@@ -117,6 +130,11 @@ def convert(source: Source, out_dir: str | Path, *, max_side: int = 256, jpeg_qu
     }
     write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def default_crop(max_side: int) -> int:
+    """The side models see of images stored at `max_side`: ImageNet's 224 from 256 px up, else 7/8."""
+    return LARGE_SIDE if max_side >= 256 else int(max_side * CROP_RATIO)
 
 
 @dataclass(frozen=True)
@@ -135,6 +153,7 @@ class DatasetInfo:
     classes: list
     image_shape: list | None        # (H, W, 3) of small in-memory images; None for image folders (JPEG)
     max_side: int | None            # image folders: the longest stored side
+    crop_side: int | None           # image folders: the side models see (a crop of the stored image)
     mean: list                      # per-channel pixel mean and std (0..255) used to normalise
     std: list
     split_fingerprint: str
@@ -152,8 +171,7 @@ class DatasetInfo:
         """The side length models see: the stored side for small images, a centre-crop size for image folders."""
         if self.small:
             return int(self.image_shape[0])
-        side = self.max_side or 256
-        return LARGE_SIDE if side >= 256 else int(side * CROP_RATIO)
+        return self.crop_side or default_crop(self.max_side or 256)
 
 
 def dataset_info(beton: str | Path) -> DatasetInfo:
@@ -174,7 +192,8 @@ def dataset_info(beton: str | Path) -> DatasetInfo:
             return DatasetInfo(
                 path=str(beton), split=name, size=split["size"], source=m["source"],
                 num_classes=m["num_classes"], classes=m["classes"], image_shape=m["image_shape"],
-                max_side=m.get("max_side"), mean=m["mean"], std=m["std"], split_fingerprint=split["fingerprint"],
+                max_side=m.get("max_side"), crop_side=m.get("crop_side"), mean=m["mean"], std=m["std"],
+                split_fingerprint=split["fingerprint"],
                 train_fingerprint=m["splits"]["train"]["fingerprint"], dataset_fingerprint=m["fingerprint"],
                 manifest=m)
     raise UserError(f"{beton} is not listed in {mpath}")

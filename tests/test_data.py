@@ -130,6 +130,19 @@ def test_imagefolder_round_trip(tmp_path):
     assert y.ravel().tolist() == [0, 0, 0, 1, 1, 1, 1] and i.ravel().tolist() == list(range(7))
     m = manifest(tmp_path / "out")
     assert m["classes"] == ["cat", "dog"] and m["image_shape"] is None and m["max_side"] == 32
+    # its own channel statistics (not ImageNet's), over the training images as stored on disk
+    pixels = np.concatenate([np.asarray(Image.open(p).convert("RGB")).reshape(-1, 3)
+                             for p in sorted((tmp_path / "src" / "train").rglob("*.png"))]).astype(np.float64)
+    np.testing.assert_allclose(m["mean"], pixels.mean(0), atol=1e-3)
+    np.testing.assert_allclose(m["std"], pixels.std(0), atol=1e-3)
+    from kdcache.beton import dataset_info
+    assert m["crop_side"] == 28 and dataset_info(tmp_path / "out" / "train.beton").image_size == 28  # 7/8 of 32
+    run_cli("data", "imagefolder", "--src", tmp_path / "src", "--out", tmp_path / "crop", "--max-side", 32,
+            "--crop-side", 24, "--workers", 1)
+    assert dataset_info(tmp_path / "crop" / "train.beton").image_size == 24
+    r = run_cli("data", "imagefolder", "--src", tmp_path / "src", "--out", tmp_path / "bad", "--max-side", 32,
+                "--crop-side", 40, expect=2)
+    assert "--crop-side must be between 8 and --max-side (32), got 40" in r.output
 
 
 @pytest.mark.skipif(not SHARED_CIFAR10.is_dir(), reason="../shared CIFAR-10 absent")

@@ -427,3 +427,24 @@ def test_warm_up_has_a_floor_in_steps():
     long = Schedule.of(TrainConfig(data="", out="", epochs=100, warmup=0.02), steps_per_epoch=100)
     assert long.warmup_steps == 200  # long runs: the fraction as given
     assert Schedule.of(TrainConfig(data="", out="", epochs=5, warmup=0), steps_per_epoch=4).warmup_steps == 0
+
+
+def test_training_on_an_image_folder_with_a_torchvision_model(tmp_path):
+    """The large-image path end to end: JPEG image folder, random-resized crop + flip at the crop side,
+    centre crop for the test split, and a torchvision ResNet given the small-image stem (28 px <= 64)."""
+    from test_data import make_image_folder
+
+    from kdcache.models import load_checkpoint
+
+    make_image_folder(tmp_path / "src", np.random.default_rng(0), counts=(("cat", 6), ("dog", 6)))
+    run_cli("data", "imagefolder", "--src", tmp_path / "src", "--out", tmp_path / "data", "--max-side", 32,
+            "--workers", 1)
+    out = tmp_path / "run"
+    run_cli("train", "--data", tmp_path / "data" / "train.beton", "--out", out, "--arch", "resnet18", "--alpha", 0,
+            "--epochs", 2, "--batch-size", 4, "--workers", 1)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_selected"] == 12 and summary["steps"] == 6 and 0 <= summary["test_acc"] <= 1
+    model, meta = load_checkpoint(out / "model.pt")
+    assert meta["image_size"] == 28 and meta["arch"] == "resnet18"
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, torch.nn.Identity)
