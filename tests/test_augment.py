@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from conftest import run_cli
 
@@ -34,8 +35,9 @@ def test_draws_are_uniform_and_a_function_of_seed_epoch_and_index():
     assert not np.array_equal(draw(0, 4, index)[0], dy) and not np.array_equal(draw(1, 3, index)[0], dy)
 
 
-def test_the_same_command_twice_gives_the_same_run_with_augmentation(synth, tmp_path):
-    args = ["train", "--data", synth / "train.beton", "--fraction", 0.5, "--alpha", 0, "--epochs", 2, "--augment",
+@pytest.mark.parametrize("augment", ["--augment", "--no-augment"])
+def test_the_same_command_twice_gives_the_same_run(synth, tmp_path, augment):
+    args = ["train", "--data", synth / "train.beton", "--fraction", 0.5, "--alpha", 0, "--epochs", 2, augment,
             "--arch", "resnet8", "--batch-size", 32, "--workers", 1, "--eval-every", 2]
     runs = []
     for name in ("a", "b"):

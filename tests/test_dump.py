@@ -284,6 +284,9 @@ def test_mismatched_store_is_refused_until_overwrite(synth, teacher, full, tmp_p
     assert "another checkpoint SHA-256" in r.output and "--overwrite" in r.output
     r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, *data, "--topk", 3, expect=2)
     assert f"store {out} has another topk (none, this dump: 3)" in r.output  # the user's words, not Python's
+    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+                "--out", out, "--batch-size", 64, "--chunk-rows", 64, "--workers", 1, expect=2)
+    assert f"store {out} has another chunk rows (128, this dump: 64)" in r.output
 
     g = open_store(str(out), "r+")
     g.attrs["train_fingerprint"] = "0" * 32  # as if made from another dataset

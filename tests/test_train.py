@@ -39,21 +39,31 @@ def test_kd_loss_matches_reference(alpha, t):
     torch.testing.assert_close(loss_lp, loss)
 
 
-def test_kd_loss_topk_reconstruction():
-    """A top-k cache row (top log-probs kept, the rest of the mass spread evenly) enters the loss as the
-    distribution it describes."""
+def test_kd_loss_topk_reconstruction(tmp_path):
+    """A top-k cache row, as `LogitCache` rebuilds it, enters the loss as the teacher's tempered
+    distribution on its top k with the rest of its mass spread evenly: computed here from the definition."""
+    import zarr
+
+    from kdcache.store import LOGITS_KIND, LogitCache
+
     teacher = torch.tensor([[4.0, 2.0, 0.5, 0.1, -1.0]])
-    logp = torch.log_softmax(teacher, 1)
-    top = logp[0, :2]
-    rest = torch.log((1 - top.exp().sum()) / 3)
-    row = torch.cat([top, rest.repeat(3)])[None]
-    student, labels = torch.randn(1, 5), torch.tensor([1])
-    t = 2.0
-    p = torch.softmax(row / t, 1)
-    expected = 0.5 * F.cross_entropy(student, labels) + 0.5 * t * t * (
-        p * (p.log() - torch.log_softmax(student / t, 1))).sum()
+    t, k = 2.0, 2
+    g = zarr.create_group(store=str(tmp_path / "top.zarr"), attributes={
+        "kind": LOGITS_KIND, "num_samples": 1, "num_classes": 5, "chunk_rows": 1, "topk": k, "temperature": t})
+    values, classes = torch.log_softmax(teacher / t, 1).topk(k, 1)
+    g.create_array("topk_values", shape=(1, k), dtype="float32")[:] = values.numpy()
+    g.create_array("topk_indices", shape=(1, k), dtype="uint8")[:] = classes.numpy().astype(np.uint8)
+    g.create_array("chunks_done", shape=(1,), dtype="uint8")[:] = 1
+    row = torch.from_numpy(LogitCache(str(tmp_path / "top.zarr")).logits(np.array([0])))
+
+    p_t = torch.softmax(teacher / t, 1)[0]  # [0.6285, 0.2312, 0.0516, 0.0346, 0.0541]: top 2 are classes 0, 1
+    q = torch.full((5,), float(1 - p_t[0] - p_t[1]) / 3)
+    q[0], q[1] = p_t[0], p_t[1]
+    student, labels = torch.randn(1, 5, generator=torch.Generator().manual_seed(0)), torch.tensor([1])
+    log_s = torch.log_softmax(student / t, 1)[0]
+    expected = 0.5 * F.cross_entropy(student, labels) + 0.5 * t * t * (q * (q.log() - log_s)).sum()
     loss, _, _ = kd_loss(student, row, labels, 0.5, t)
-    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_auto_alpha_is_monotone_with_published_ends():
