@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import inspect
 import itertools
 import json
 import math
@@ -78,9 +77,12 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .distill import DEFAULT_TEMPERATURE
+from .dump import DumpOptions
+from .dynamics import AUM_FRACTION, EARLY_FRACTION
 from .errors import UserError
 from .files import write_json
 
@@ -98,10 +100,12 @@ TRAIN_KEYS = {"arch": str, "epochs": int, "steps": int, "batch_size": int, "lr":
 SELECT_KEYS = {"keep": str, "class_balanced": bool, "ccs_beta": float, "ccs_strata": int, "ccs_score": str}
 STUDENT_KEYS = {"fraction": float, "method": str, "alpha": float, "temperature": float, "seed": int,
                 "teacher": str, "online": bool, "scores": str, **SELECT_KEYS, **TRAIN_KEYS}
-TEACHER_KEYS = {**TRAIN_KEYS, "seed": int, "record_dynamics": bool}
+TEACHER_KEYS = {**TRAIN_KEYS, "seed": int, "record_dynamics": bool, "el2n_early_fraction": float,
+                "aum_fraction": float}
 DATA_KEYS = {"source": str, "src": str, "num_train": int, "num_test": int, "num_classes": int,
              "image_size": int, "seed": int, "max_side": int, "jpeg_quality": int}
-DUMP_KEYS = {"batch_size": int, "chunk_rows": int, "topk": int}
+DUMP_KEYS = {"batch_size": int, "chunk_rows": int, "topk": int, "temperature": float, "sample": int,
+             "sample_seed": int}
 REPORT_KEYS = {"kd_alpha": float, "headline_fraction": float}
 TOP_KEYS = {"name", "description", "data", "teachers", "dump", "defaults", "students", "report"}
 SYNTHETIC_KEYS = ("num_train", "num_test", "num_classes", "image_size", "seed")
@@ -182,11 +186,11 @@ def _defaults() -> dict:
     """`kdcache train`'s and the selection's defaults for the keys a protocol may leave out."""
     import dataclasses
 
-    from .selection import choose_subset
+    from .selection import SelectOptions
     from .train import TrainConfig
 
     train = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    select = {k: p.default for k, p in inspect.signature(choose_subset).parameters.items()}
+    select = asdict(SelectOptions())
     out = {k: train[k] for k in TRAIN_KEYS}
     out.update({k: select[k] for k in SELECT_KEYS})
     out.update(method="random", temperature=train["temperature"], seed=0, online=False)
@@ -242,6 +246,8 @@ def student_runs(proto: Protocol) -> list[dict]:
             for key, value in run.items():
                 if value is not None:
                     _check_value(key, value, STUDENT_KEYS[key], where)
+            if run["method"] == "ccs" and run["ccs_score"] is None:  # as choose_subset would, from the store
+                run["ccs_score"] = "aum" if raw["teachers"][run["scores"]].get("record_dynamics") else "el2n"
             _check_run(run, raw["teachers"], where)
             runs.append(normalise(run))
     return runs
@@ -279,7 +285,11 @@ def normalise(run: dict) -> dict:
         run.update(ccs_beta=None, ccs_strata=None, ccs_score=None)
     else:
         run["keep"] = None
-    run["alpha"], run["fraction"] = float(run["alpha"]), float(run["fraction"])
+    if run["teacher"] is not None and run["temperature"] is None:
+        run["temperature"] = DEFAULT_TEMPERATURE  # what the trainer would use: one run, one folder
+    for key, kind in STUDENT_KEYS.items():  # 4 and 4.0 are one value: one folder
+        if kind is float and run.get(key) is not None:
+            run[key] = float(run[key])
     return run
 
 
@@ -326,12 +336,16 @@ def plan(proto: Protocol) -> Plan:
     if "source" not in data_cfg:
         raise UserError(f"{proto.path}: [data] needs a source")
     data = _stage("data", "data", data_cfg, [])
-    dump_cfg = _check_table(raw.get("dump", {}), DUMP_KEYS, f"{proto.path}: [dump]")
+    dump_cfg = {**asdict(DumpOptions()), **_check_table(raw.get("dump", {}), DUMP_KEYS,
+                                                                   f"{proto.path}: [dump]")}
+    dump_cfg.pop("device"), dump_cfg.pop("workers")  # where it runs, not what it computes
     teachers, dumps = {}, {}
     for name, table in raw["teachers"].items():
         where = f"{proto.path}: [teachers.{name}]"
         cfg = {**{k: defaults[k] for k in TRAIN_KEYS}, "seed": 0, "record_dynamics": False,
+               "el2n_early_fraction": EARLY_FRACTION, "aum_fraction": AUM_FRACTION,
                **_check_table(table, TEACHER_KEYS, where)}
+        cfg.update({k: float(v) for k, v in cfg.items() if TEACHER_KEYS.get(k) is float and v is not None})
         teachers[name] = _stage("teacher", f"teacher-{name}", cfg, [data])
         dumps[name] = _stage("dump", f"cache-{name}", dump_cfg, [teachers[name]], ".zarr")
     students: dict[str, Stage] = {}
