@@ -3,7 +3,8 @@ result table and a plot.
 
 Stages: data -> teacher (full data, no KD) -> dump (+ info) -> select -> three students on the same
 kept fraction: random without a teacher, random with the cached teacher, score-selected with the
-cached teacher. Every stage's output is complete or absent, so a rerun redoes only what is missing.
+cached teacher. Every stage's output is complete or absent, so a rerun redoes only what is missing,
+or what other options change (and the stages after it).
 
     kdcache demo --out runs/demo                       # Fashion-MNIST (the default)
     kdcache demo --out runs/c10 --source cifar10 --src ../shared/datasets/cifar10
@@ -35,8 +36,9 @@ def kdcache(*args) -> None:
     try:
         cli.main(args=args, prog_name="kdcache", standalone_mode=False)
     except SystemExit as e:
-        if e.code:
-            raise SystemExit(f"demo stopped: `kdcache {args[0]}` failed (exit {e.code})")
+        if e.code:  # the command has said why on stderr; keep its exit status (2: a user's mistake)
+            click.echo(f"demo stopped: `kdcache {args[0]}` failed (exit {e.code})", err=True)
+            raise SystemExit(e.code)
 
 
 def finished_store(path: Path) -> bool:

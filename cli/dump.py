@@ -75,7 +75,7 @@ def info(store, as_json):
     status = "complete" if d["complete"] else "INCOMPLETE"
     lines.append(f"chunks     {d['chunks_done']} of {d['chunks_total']} done: {status}")
     if d["bytes_per_sample"]:
-        form = (f"top-{a['topk']} at temperature {a.get('temperature', 1.0):g}" if a.get("topk")
+        form = (f"top-{a['topk']} at temperature {a['temperature']:g}" if a.get("topk")
                 else f"{a['sample']} draws at temperature {a['temperature']:g}, classes + counts" if a.get("sample")
                 else "all logits, any temperature")
         lines.append(f"bytes      {d['bytes_per_sample']} per sample of teacher output ({form})")

@@ -83,9 +83,18 @@ def where(group: zarr.Group) -> str:
     return str(group.store).removeprefix("file://")
 
 
+def check_schema(group: zarr.Group, url: str) -> None:
+    """Refuse a store of an older layout (schema 1 had `fingerprint`, top-k at T = 1), in one line."""
+    version = group.attrs.get("schema_version", 1)
+    if version < SCHEMA_VERSION:
+        raise UserError(f"store {url} was made by an older kdcache (store schema {version}, this one reads "
+                        f"{SCHEMA_VERSION}): make it again (kdcache dump --overwrite, or train --record-dynamics)")
+
+
 def check_dataset(group: zarr.Group, train_fingerprint: str, data: str) -> None:
     """Refuse a store made from another dataset than `data` (a beton whose training split has
-    `train_fingerprint`)."""
+    `train_fingerprint`), or of an older layout."""
+    check_schema(group, where(group))
     have = group.attrs.get(TRAIN_FINGERPRINT)
     if have != train_fingerprint:
         raise UserError(f"store {where(group)} was made from another dataset (train fingerprint {have}, "
@@ -206,6 +215,7 @@ class LogitCache:
         self.attrs = self.group.attrs.asdict()
         if self.attrs.get(KIND) != LOGITS_KIND:
             raise UserError(f"{self.url} is not a teacher-logit cache (make one with kdcache dump)")
+        check_schema(self.group, self.url)
         check_complete(self.group, self.url)
         if info is not None:
             check_dataset(self.group, info.train_fingerprint, info.path)
@@ -213,9 +223,9 @@ class LogitCache:
         self.num_classes = int(self.attrs["num_classes"])
         self.topk = self.attrs.get("topk")
         self.sample = self.attrs.get("sample")
-        # the temperature a top-k or sampled cache's targets are exact at (top-k stores from before it was
-        # recorded: 1); None for full logits, which serve any temperature
-        self.temperature = self.attrs.get("temperature", 1.0) if self.topk or self.sample else None
+        # the temperature a top-k or sampled cache's targets are exact at; None for full logits, which
+        # serve any temperature
+        self.temperature = self.attrs.get("temperature") if self.topk or self.sample else None
         self.bytes_per_sample = bytes_per_sample(self.group)
         self._arrays: dict[str, np.ndarray] = {}
 

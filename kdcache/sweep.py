@@ -698,6 +698,8 @@ def run_sweep(protocol: str | Path, *, out: str | Path | None = None, shard: str
               workers: int = -1, device: str = "auto", echo: Callable[[str], None] = print) -> dict:
     """Run (or with `dry`, list) the unfinished stages of a protocol's sweep; return each student's
     outcome (done, trained, elsewhere) or, dry, each listed stage's status."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("kdcache sweep runs one process per shard: start n of them with --shard i/n, not torchrun")
     index, count = parse_shard(shard)
     proto = load_protocol(protocol)
     root = Path(out) if out else Path("runs") / proto.path.stem

@@ -231,7 +231,8 @@ def make_teacher(cfg: TrainConfig, info: DatasetInfo, indices: np.ndarray,
     if cache.num_classes != info.num_classes:
         raise UserError(f"cache {cfg.cache} has {cache.num_classes} classes, the dataset has {info.num_classes}")
     if cache.temperature is not None and cfg.temperature not in (None, cache.temperature):
-        raise UserError(f"cache {cfg.cache} holds top-{cache.topk} targets at temperature {cache.temperature:g}, "
+        form = f"top-{cache.topk}" if cache.topk else f"sampled ({cache.sample} draws)"
+        raise UserError(f"cache {cfg.cache} holds {form} targets at temperature {cache.temperature:g}, "
                         f"exact only there: train with --temperature {cache.temperature:g} (or dump again with "
                         f"--temperature {cfg.temperature:g})")
     return CachedTeacher(cache, indices, info.size, device)
@@ -393,10 +394,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.config = self._describe()
         self.selection_hash = hashlib.sha256(self.indices.tobytes()).hexdigest()
+        self.test_loss = self.test_acc = None
         self.start_epoch, self.step, self.elapsed = self._restore_or_start()
         self.recorder = self._recorder(labels)
         self.net = self._wrap(self.model)
-        self.test_loss = self.test_acc = None
 
     def _labels(self) -> np.ndarray | None:
         """The training labels, read once for whoever needs them (a selection, the dynamics recorder)."""
@@ -451,8 +452,14 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
             start = state["epoch"], state["step"], state["elapsed"]
             self.train_batches.loader.next_epoch = start[0]  # FFCV seeds each epoch's order with seed + epoch
-            if self.rank == 0:  # drop metric lines written after the checkpoint
-                write_lines(metrics, metrics.read_text().splitlines()[:start[0]])
+            kept = metrics.read_text().splitlines()[:start[0]]  # lines written after the checkpoint go
+            # the last evaluation survives a resume (a run killed after its last epoch has no epoch left)
+            last = next((json.loads(line) for line in reversed(kept) if json.loads(line)["test_acc"] is not None),
+                        None)
+            if last is not None:
+                self.test_loss, self.test_acc = last["test_loss"], last["test_acc"]
+            if self.rank == 0:
+                write_lines(metrics, kept)
                 print(f"resuming {self.out} from epoch {start[0]} of {self.schedule.epochs}", flush=True)
         elif self.rank == 0:
             if self.cfg.resume:

@@ -186,7 +186,7 @@ def test_recorder_resume_keeps_written_columns_and_restart_replaces(info, tmp_pa
 def test_recorder_in_a_logit_cache_touches_nothing_else(info, tmp_path):
     url = str(tmp_path / "cache.zarr")
     root = open_store(url, "w")
-    root.attrs.update({"train_fingerprint": info.train_fingerprint, "schema_version": 1, "teacher": "t"})
+    root.attrs.update({"train_fingerprint": info.train_fingerprint, "schema_version": 2, "teacher": "t"})
     root.create_array("logits", shape=(info.size, 4), dtype="float32")[:] = 1.5
     write_score(root, "el2n", np.arange(info.size))
     rec = DynamicsRecorder(url, info, epochs=1)
@@ -200,7 +200,7 @@ def test_recorder_in_a_logit_cache_touches_nothing_else(info, tmp_path):
     assert root["dynamics/seed0/prob"].shape == (info.size, 1)
 
     other = open_store(str(tmp_path / "other.zarr"), "w")
-    other.attrs["train_fingerprint"] = "0" * 32
+    other.attrs.update({"train_fingerprint": "0" * 32, "schema_version": 2})
     with pytest.raises(UserError, match="another dataset"):
         DynamicsRecorder(str(tmp_path / "other.zarr"), info, epochs=1)
 

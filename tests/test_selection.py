@@ -128,7 +128,8 @@ def store(synth, tmp_path):
     labels = beton_labels(synth / "train.beton")
     n = len(labels)
     root = open_store(str(tmp_path / "cache.zarr"), "w")
-    root.attrs.update({"train_fingerprint": manifest(synth)["splits"]["train"]["fingerprint"], "num_classes": 4})
+    root.attrs.update({"train_fingerprint": manifest(synth)["splits"]["train"]["fingerprint"], "num_classes": 4,
+                       "schema_version": 2})
     root.create_array("labels", shape=(n,), dtype="int64")[:] = labels
     write_score(root, "el2n", np.arange(n) / n, higher_is_harder=True)
     write_score(root, "margin", np.arange(n) / n, higher_is_harder=False)
@@ -196,7 +197,7 @@ def test_select_cli_bad_input_is_one_line_exit_2(synth, store, tmp_path):
         r = run_cli("select", "--store", store, "--method", "el2n", "--fraction", fraction, *out, expect=2)
         assert "fraction must be in (0, 1]" in r.output
     other = open_store(str(tmp_path / "other.zarr"), "w")
-    other.attrs["train_fingerprint"] = "f" * 32
+    other.attrs.update({"train_fingerprint": "f" * 32, "schema_version": 2})
     write_score(other, "el2n", np.zeros(400))
     r = run_cli("select", "--store", tmp_path / "other.zarr", "--method", "el2n", "--fraction", 0.5,
                 "--data", train, *out, expect=2)

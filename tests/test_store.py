@@ -23,8 +23,8 @@ from kdcache.store import (
 def hand_made_cache(path, *, n=10, c=6, k=None, chunk_rows=4, done=None, fingerprint="fp"):
     """A logit cache written directly (no teacher), as `kdcache dump` lays it out."""
     g = zarr.create_group(store=str(path), attributes={
-        "kind": LOGITS_KIND, "schema_version": 1, "train_fingerprint": fingerprint, "num_samples": n,
-        "num_classes": c, "chunk_rows": chunk_rows, "topk": k})
+        "kind": LOGITS_KIND, "schema_version": 2, "train_fingerprint": fingerprint, "num_samples": n,
+        "num_classes": c, "chunk_rows": chunk_rows, "topk": k, "temperature": 1.0 if k else None})
     m = -(-n // chunk_rows)
     flags = g.create_array("chunks_done", shape=(m,), dtype="uint8", chunks=(1,), fill_value=0)
     flags[:] = np.ones(m, np.uint8) if done is None else np.asarray(done, np.uint8)
@@ -101,7 +101,7 @@ def test_other_dataset_and_non_cache_are_refused(tmp_path):
     LogitCache(str(tmp_path / "s.zarr"), SimpleNamespace(path="x", train_fingerprint="aaa"))
 
     scores_only = open_store(str(tmp_path / "dyn.zarr"), "w")
-    scores_only.attrs["train_fingerprint"] = "aaa"
+    scores_only.attrs.update({"train_fingerprint": "aaa", "schema_version": 2})
     write_score(scores_only, "forgetting", np.arange(5.0))
     with pytest.raises(UserError, match="not a teacher-logit cache"):
         LogitCache(str(tmp_path / "dyn.zarr"))
@@ -155,3 +155,10 @@ def test_a_store_at_an_fsspec_url(tmp_path):
     cache = LogitCache(url)
     np.testing.assert_array_equal(cache.logits(np.array([5, 0])), logits[[5, 0]].astype(np.float32))
     assert describe_store(url)["complete"] and open_store(url, "r").attrs["train_fingerprint"] == "fp"
+
+
+def test_a_store_of_the_older_layout_is_refused_in_one_line(tmp_path):
+    g = hand_made_cache(tmp_path / "old.zarr")
+    g.attrs.update({"schema_version": 1, "fingerprint": "fp"})  # schema 1: `fingerprint`, top-k at T = 1
+    with pytest.raises(UserError, match=r"made by an older kdcache \(store schema 1, this one reads 2\): make it"):
+        LogitCache(str(tmp_path / "old.zarr"))

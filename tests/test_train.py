@@ -49,7 +49,8 @@ def test_kd_loss_topk_reconstruction(tmp_path):
     teacher = torch.tensor([[4.0, 2.0, 0.5, 0.1, -1.0]])
     t, k = 2.0, 2
     g = zarr.create_group(store=str(tmp_path / "top.zarr"), attributes={
-        "kind": LOGITS_KIND, "num_samples": 1, "num_classes": 5, "chunk_rows": 1, "topk": k, "temperature": t})
+        "kind": LOGITS_KIND, "schema_version": 2, "num_samples": 1, "num_classes": 5, "chunk_rows": 1, "topk": k,
+        "temperature": t})
     values, classes = torch.log_softmax(teacher / t, 1).topk(k, 1)
     g.create_array("topk_values", shape=(1, k), dtype="float32")[:] = values.numpy()
     g.create_array("topk_indices", shape=(1, k), dtype="uint8")[:] = classes.numpy().astype(np.uint8)
@@ -458,3 +459,19 @@ def test_training_on_an_image_folder_with_a_torchvision_model(tmp_path):
     assert meta["image_size"] == 28 and meta["arch"] == "resnet18"
     assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
     assert isinstance(model.maxpool, torch.nn.Identity)
+
+
+def test_a_run_killed_after_its_last_epoch_resumes_to_its_result(synth, tmp_path):
+    """Killed after the last epoch's checkpoint, before the summary: resuming trains nothing more and
+    the summary carries the last evaluation."""
+    args = ["train", "--data", synth / "train.beton", "--indices", _indices(tmp_path, 64), "--alpha", 0,
+            "--epochs", 2, "--no-augment", *FAST]
+    killed = tmp_path / "killed"
+    p = subprocess.run([sys.executable, "-m", "kdcache_cli.main", *map(str, args), "--out", str(killed)],
+                       env={**os.environ, "KDCACHE_DIE_AFTER_EPOCH": "2"}, capture_output=True, text=True,
+                       timeout=SUBPROCESS_TIMEOUT)
+    assert p.returncode == -9 and not (killed / "summary.json").exists()
+    r = run_cli(*args, "--out", killed, "--resume")
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["test_acc"] == read_metrics(killed)[-1]["test_acc"] is not None
+    assert "test accuracy" in r.output and "epoch 2/2" not in r.output.replace("resuming", "")
