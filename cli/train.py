@@ -41,8 +41,8 @@ S = SelectOptions()
 @click.option("--momentum", default=C.momentum, **SHOW)
 @click.option("--weight-decay", default=C.weight_decay, **SHOW, help="Not applied to norms and biases.")
 @click.option("--warmup", default=C.warmup, **SHOW,
-              help="Fraction of steps with linear warm-up (at least 10 steps, at most a quarter of the run; "
-                   "then cosine decay).")
+              help="Fraction of steps with linear warm-up (0: none; else at least 10 steps, or a quarter of a "
+                   "shorter run), then cosine decay.")
 @click.option("--bn-batches", default=C.bn_batches, **SHOW,
               help="Re-estimate BatchNorm statistics over this many training batches before each evaluation "
                    "(0: off).")

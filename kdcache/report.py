@@ -13,13 +13,15 @@ and the combined standard error se = sqrt(sd_A^2 / n_A + sd_B^2 / n_B), a compar
     holds          if d >  k * se,
     does not hold  if d < -k * se,
     within noise   otherwise (a cell with a single seed has unknown noise: se = infinity),
-with k = 2 by default (about 95% two-sided under a normal approximation; `--noise-k`). For claims
-that read "matches or beats", `within noise` is consistent with the claim. A claim over several
-comparisons ("at every fraction", "each method") holds if all hold, does not hold if any does not,
-and is within noise otherwise; an existential claim ("can beat") holds if any holds, does not hold
-if all do not, and is within noise otherwise. Claim 3 (the best alpha grows as the kept fraction
-shrinks) has its own rule, in `trend_verdict`. A claim whose cells the protocol lacks is `not measured`.
-The KD cell of a comparison is the protocol's `[report] kd_alpha` if set, else the best alpha > 0.
+with k = 2 by default (about 95% two-sided under a normal approximation; `--noise-k`). A claim over
+several comparisons ("at every fraction", "each method") holds if all hold, does not hold if any does
+not, and is within noise otherwise; an existential claim ("can beat") holds if any holds, does not hold
+if all do not, and is within noise otherwise. A "matches or beats" claim (2, 5, 6) holds when no
+comparison fails and every one is measured with seeds on both sides (a single-seed cell's noise is
+unknown: then within noise). Claim 3 (the best alpha grows as the kept fraction shrinks) has its own
+rule, in `trend_verdict`. A claim whose cells the protocol lacks is `not measured`. The KD cell of a
+comparison is the protocol's `[report] kd_alpha` if set, else the best alpha > 0 by mean accuracy:
+chosen on the same runs it is then compared with, which favours KD slightly; set kd_alpha to avoid it.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .files import write_json
+from .files import atomic, write_json, write_lines
 
 NOISE_K = 2.0
 HOLDS, FAILS, NOISE, UNMEASURED = "holds", "does not hold", "within noise", "not measured"
@@ -97,6 +99,35 @@ def any_of(verdicts: list[str]) -> str:
     return FAILS if all(v == FAILS for v in verdicts) else NOISE
 
 
+def every(comps: list[dict]) -> str:
+    return all_of([c["verdict"] for c in comps])
+
+
+def some(comps: list[dict]) -> str:
+    return any_of([c["verdict"] for c in comps])
+
+
+def matches_or_beats(comps: list[dict]) -> str:
+    """A claim that A matches or beats B in every comparison: holds unless one fails, provided each is
+    measured with seeds on both sides."""
+    verdict = all_of([c["verdict"] for c in comps])
+    if verdict == NOISE and all(c["se"] is not None for c in comps):
+        return HOLDS
+    return verdict
+
+
+def _non_increasing_choice(plausible: list[list[float]]) -> bool:
+    """Whether one plausible alpha per fraction (growing fractions) can be chosen never rising and ending
+    lower than it started."""
+    prev, first = None, max(plausible[0])
+    for i, options in enumerate(plausible):
+        ok = [a for a in options if prev is None or a <= prev]
+        if not ok:
+            return False
+        prev = min(ok) if i == len(plausible) - 1 else max(ok)
+    return first > prev
+
+
 def trend_verdict(grid: dict[float, dict[float, Stats]], k: float = NOISE_K) -> tuple[str, dict, dict]:
     """Claim 3 on one alpha grid, {fraction: {alpha: Stats}}: does the best alpha grow as the fraction
     shrinks? At each fraction the best alpha is the argmax of the mean (the smaller alpha on a tie),
@@ -104,7 +135,8 @@ def trend_verdict(grid: dict[float, dict[float, Stats]], k: float = NOISE_K) -> 
       holds:         the best alpha never rises with the fraction, is larger at the smallest fraction
                      than at the largest, and no single alpha is plausible at every fraction;
       within noise:  one alpha is plausible at every fraction (a constant alpha fits), unless the
-                     grid is sharp (one plausible alpha per fraction);
+                     grid is sharp (one plausible alpha per fraction); or the best alphas do not
+                     fall monotonically but plausible ones that do exist;
       does not hold: otherwise.
     Returns (verdict, best alpha by fraction, plausible alphas by fraction)."""
     fractions = sorted(grid)
@@ -115,9 +147,13 @@ def trend_verdict(grid: dict[float, dict[float, Stats]], k: float = NOISE_K) -> 
     grows = all(x >= y for x, y in zip(seq, seq[1:])) and seq[0] > seq[-1]
     constant_fits = bool(set.intersection(*(set(p) for p in plausible.values())))
     sharp = all(len(p) == 1 for p in plausible.values())
+    if grows and not constant_fits:
+        return HOLDS, best, plausible
     if constant_fits and not sharp:
         return NOISE, best, plausible
-    return (HOLDS if grows and not constant_fits else FAILS), best, plausible
+    if not grows and _non_increasing_choice([plausible[f] for f in fractions]):
+        return NOISE, best, plausible
+    return FAILS, best, plausible
 
 
 # --- runs and cells --------------------------------------------------------------------------------
@@ -208,7 +244,12 @@ def _stats_dict(s: Stats) -> dict:
 
 def compare(label: str, a: Cell, b: Cell, k: float) -> dict:
     return {"label": label, "a": a.id, "b": b.id, "a_acc": _stats_dict(a.acc), "b_acc": _stats_dict(b.acc),
-            "diff": a.acc.mean - b.acc.mean, "se": standard_error(a.acc, b.acc), "verdict": verdict(a.acc, b.acc, k)}
+            "diff": a.acc.mean - b.acc.mean, "se": _finite(standard_error(a.acc, b.acc)),
+            "verdict": verdict(a.acc, b.acc, k)}
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isinf(x) else x  # JSON has no infinity: None where the noise is unknown
 
 
 def _where(c: Cell) -> str:
@@ -222,7 +263,7 @@ class Context:
     k: float
     kd_alpha: float | None
     headline_fraction: float
-    teacher_sizes: dict[str, int]   # bytes of each teacher's model.pt: the order of their sizes
+    teacher_sizes: dict[str, int]   # parameters of each teacher
 
 
 def cached(cells: list[Cell]) -> list[Cell]:
@@ -242,7 +283,7 @@ def claim_kd_helps(cells: list[Cell], ctx: Context) -> tuple[list[dict], Callabl
             if kd is not None:
                 comps.append(compare(f"{_where(kd)}: KD from {teacher} (alpha {kd['alpha']:g}) vs no KD",
                                      kd, base[0], ctx.k))
-    return comps, all_of
+    return comps, every
 
 
 def claim_random_wins(cells: list[Cell], ctx: Context) -> tuple[list[dict], Callable]:
@@ -256,7 +297,7 @@ def claim_random_wins(cells: list[Cell], ctx: Context) -> tuple[list[dict], Call
             if rnd is not None and other is not None:
                 comps.append(compare(f"fraction {rnd['fraction']:g}, KD from {rnd['teacher']}: random vs {method}",
                                      rnd, other, ctx.k))
-    return comps, all_of
+    return comps, matches_or_beats
 
 
 def alpha_grids(cells: list[Cell]) -> list[tuple[str, dict[float, dict[float, Cell]]]]:
@@ -285,7 +326,7 @@ def claim_alpha_trend(cells: list[Cell], ctx: Context) -> tuple[list[dict], Call
                       ", ".join(f"{f:g} -> {a:g}" for f, a in best.items()),
                       "best_alpha": {f"{f:g}": a for f, a in best.items()},
                       "plausible": {f"{f:g}": p for f, p in plausible.items()}, "verdict": v})
-    return comps, all_of
+    return comps, every
 
 
 def claim_small_teacher(cells: list[Cell], ctx: Context) -> tuple[list[dict], Callable]:
@@ -301,7 +342,7 @@ def claim_small_teacher(cells: list[Cell], ctx: Context) -> tuple[list[dict], Ca
             continue
         comps.append(compare(f"{_where(small)}: teacher {small['teacher']} (smaller) vs {large['teacher']}",
                              small, large, ctx.k))
-    return comps, any_of
+    return comps, some
 
 
 def claim_headline(cells: list[Cell], ctx: Context) -> tuple[list[dict], Callable]:
@@ -317,7 +358,7 @@ def claim_headline(cells: list[Cell], ctx: Context) -> tuple[list[dict], Callabl
                 continue
             comps.append(compare(f"random {h:g} with KD from {teacher} (alpha {kd['alpha']:g}) vs 100% without KD",
                                  kd, base[0], ctx.k))
-    return comps, all_of
+    return comps, matches_or_beats
 
 
 def claim_cached_online(cells: list[Cell], ctx: Context) -> tuple[list[dict], Callable]:
@@ -332,7 +373,7 @@ def claim_cached_online(cells: list[Cell], ctx: Context) -> tuple[list[dict], Ca
                                       for which, c in (("cached", a), ("online", b))}
             comp["same_seeds"] = a.seeds == b.seeds
             comps.append(comp)
-    return comps, all_of
+    return comps, matches_or_beats
 
 
 CLAIM_FUNCTIONS = {1: claim_kd_helps, 2: claim_random_wins, 3: claim_alpha_trend, 4: claim_small_teacher,
@@ -343,8 +384,8 @@ def evaluate_claims(cells: list[Cell], ctx: Context) -> list[dict]:
     out = []
     for number, function in CLAIM_FUNCTIONS.items():
         comps, combine = function(cells, ctx)
-        out.append({"id": number, "claim": CLAIMS[number], "verdict": combine([c["verdict"] for c in comps]),
-                    "combine": "any" if combine is any_of else "all", "comparisons": comps})
+        out.append({"id": number, "claim": CLAIMS[number], "verdict": combine(comps),
+                    "combine": combine.__name__.replace("_", " "), "comparisons": comps})
     return out
 
 
@@ -381,7 +422,8 @@ def plot_all(out: Path, cells: list[Cell], claims: list[dict]) -> list[str]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
             fig.tight_layout()
-            fig.savefig(out / name)
+            with atomic(out / name) as tmp:
+                fig.savefig(tmp, format="png")
             written.append(name)
         plt.close(fig)
     return written
@@ -474,8 +516,9 @@ def _comparison_lines(claim: dict) -> list[str]:
         extra = ""
         if "images_per_sec" in c:
             extra = f" ({c['images_per_sec']['cached']:.0f} vs {c['images_per_sec']['online']:.0f} img/s)"
+        se = "unknown" if c["se"] is None else f"{100 * c['se']:.2f}"
         rows.append(f"| {c['label']}{extra} | {c['a']} {_pct(a)} | {c['b']} {_pct(b)} | {100 * c['diff']:+.2f} | "
-                    f"{100 * c['se']:.2f} | {c['verdict']} |")
+                    f"{se} | {c['verdict']} |")
     return rows
 
 
@@ -505,7 +548,7 @@ def write_csvs(out: Path, runs: list[dict], cells: list[Cell]) -> None:
                    key=lambda f: (ORDER.index(f) if f in ORDER else 99, f))
     cell_of = {r["folder"]: c.id for c in cells for r in c.runs}
     metrics = ("test_acc", "best_test_acc", "train_seconds", "images_per_sec", "num_selected", "epochs", "steps")
-    with open(out / "results.csv", "w", newline="") as f:
+    with atomic(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "folder", "cell", "seed", *[n for n in names if n != "seed"], "finished", *metrics,
                     "device"])
@@ -514,7 +557,7 @@ def write_csvs(out: Path, runs: list[dict], cells: list[Cell]) -> None:
             w.writerow([r["name"], r["folder"], cell_of.get(r["folder"], ""), r["config"]["seed"],
                         *[r["config"].get(n) for n in names if n != "seed"], r["summary"] is not None,
                         *[s.get(m) for m in metrics], r["train_config"].get("device")])
-    with open(out / "cells.csv", "w", newline="") as f:
+    with atomic(out / "cells.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["cell", *[n for n in names if n != "seed"], "n", "seeds", "test_acc_mean", "test_acc_std",
                     "best_test_acc_mean", "best_test_acc_std"])
@@ -524,12 +567,16 @@ def write_csvs(out: Path, runs: list[dict], cells: list[Cell]) -> None:
 
 
 def teacher_sizes(sweep_dir: Path, record: dict) -> dict[str, int]:
-    """Bytes of each finished teacher's model.pt: proportional to its parameter count."""
+    """Parameters of each finished teacher, counted in its checkpoint."""
+    import torch
+
     sizes = {}
     for name, t in record["teachers"].items():
         path = sweep_dir / t["folder"] / "model.pt"
         if path.is_file():
-            sizes[name] = path.stat().st_size
+            state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+            sizes[name] = sum(v.numel() for k, v in state.items() if not k.endswith(("running_mean", "running_var",
+                                                                                     "num_batches_tracked")))
     return sizes
 
 
@@ -555,5 +602,5 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None, noise_k: 
               "noise_k": noise_k, "runs_finished": sum(r["summary"] is not None for r in runs),
               "runs_total": len(runs), "claims": claims, "times": times}
     write_json(out / "verdicts.json", result)
-    (out / "report.md").write_text(markdown(record, runs, cells, claims, times, plots, noise_k))
+    write_lines(out / "report.md", markdown(record, runs, cells, claims, times, plots, noise_k).splitlines())
     return result

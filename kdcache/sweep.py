@@ -32,7 +32,7 @@ the loop instead of reading its cache), `scores` (the teacher whose cache or dyn
 selection scores, the same for every student so that KD and no-KD runs share their subsets; default:
 the first teacher), `keep`, `class_balanced`, `ccs_beta`, `ccs_strata`, `ccs_score`, and the training
 keys `arch`, `epochs`, `steps`, `batch_size`, `lr`, `momentum`, `weight_decay`, `warmup`,
-`label_smoothing`, `augment`, `eval_every`, `amp`, `compile`. Any student key may be a table keyed by
+`label_smoothing`, `augment`, `eval_every`, `amp`, `compile`, `bn_batches`. Any student key may be a table keyed by
 fraction instead of a value, e.g. `epochs = { "0.1" = 60, "0.5" = 20 }`. A relative `src` is relative
 to the folder `kdcache sweep` runs in. Unset training keys take `kdcache train`'s defaults.
 

@@ -80,8 +80,8 @@ class TrainConfig:
     lr: float = 0.1                     # peak, SGD with Nesterov momentum (DeepCore's CIFAR default)
     momentum: float = 0.9
     weight_decay: float = 5e-4          # not on norms and biases
-    warmup: float = 0.02                # fraction of all steps spent warming up linearly (at least
-                                        # WARMUP_FLOOR steps, at most a quarter of the run)
+    warmup: float = 0.02                # fraction of all steps spent warming up linearly (0: none; else
+                                        # at least WARMUP_FLOOR steps, or a quarter of a shorter run)
     bn_batches: int = 20                # before each evaluation, BatchNorm statistics re-estimated over
                                         # this many training batches (0: off; the running averages lag
                                         # far behind fast-moving weights in short runs)
