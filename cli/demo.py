@@ -23,6 +23,8 @@ from types import SimpleNamespace
 import click
 
 from kdcache.files import atomic, write_json
+from kdcache.store import is_finished_cache
+from kdcache.train import read_metrics
 
 SHOW = {"show_default": True}
 
@@ -41,23 +43,6 @@ def kdcache(*args) -> None:
             raise SystemExit(e.code)
 
 
-def finished_store(path: Path) -> bool:
-    if not path.exists():
-        return False
-    from kdcache.errors import UserError
-    from kdcache.store import LogitCache
-
-    try:
-        LogitCache(str(path))
-        return True
-    except UserError:
-        return False
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def plot(path: Path, students: dict[str, Path], teacher_acc: float, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -65,7 +50,7 @@ def plot(path: Path, students: dict[str, Path], teacher_acc: float, title: str) 
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for label, run in students.items():
-        rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["test_acc"] is not None]
+        rows = [r for r in read_metrics(run) if r["test_acc"] is not None]
         ax.plot([r["epoch"] for r in rows], [100 * r["test_acc"] for r in rows], marker="o", ms=3, label=label)
     ax.axhline(100 * teacher_acc, color="k", ls="--", lw=1, label=f"teacher (full data) {100 * teacher_acc:.1f}%")
     ax.set_ylim(top=max(ax.get_ylim()[1], 100 * teacher_acc) + 2)  # keep the teacher's line off the frame
@@ -153,7 +138,7 @@ def run(args) -> dict:
     stage("teacher", (teacher / "summary.json").is_file(),
           ["train", "--data", train_beton, "--out", teacher, "--arch", args.teacher_arch, "--fraction", 1,
            "--alpha", 0, "--epochs", args.teacher_epochs, "--lr", args.teacher_lr, *common, "--overwrite"])
-    stage("dump", finished_store(cache),
+    stage("dump", is_finished_cache(str(cache)),
           ["dump", "--teacher", args.teacher_arch, "--checkpoint", teacher / "model.pt", "--data", train_beton,
            "--out", cache, "--overwrite", "--workers", args.workers, "--batch-size", 500, "--chunk-rows", 5000],
           ["info", cache])

@@ -266,6 +266,15 @@ class LogitCache:
         return self._array(LABELS).astype(np.int64)
 
 
+def is_finished_cache(url: str) -> bool:
+    """Whether `url` holds a complete teacher-logit cache of this layout (what a rerun may skip)."""
+    try:
+        LogitCache(str(url))
+        return True
+    except Exception:  # noqa: BLE001  (absent, partial, another kind, older, unreadable: not finished; the
+        return False   # dump that redoes it will say why if it cannot)
+
+
 def bytes_per_sample(group: zarr.Group) -> int:
     """Bytes of teacher output per sample, uncompressed: C x 2 (full) or K x (2 + index size) (top-k)."""
     names = ((TOPK_VALUES, TOPK_INDICES) if TOPK_VALUES in group else (SAMPLE_CLASSES, SAMPLE_COUNTS)

@@ -401,14 +401,8 @@ def is_done(stage: Stage, root: Path) -> bool:
         return (p / "summary.json").is_file()
     if stage.kind == "selection":
         return p.is_file() and p.with_suffix(".json").is_file()
-    if not p.exists():
-        return False
-    from .store import LogitCache
-    try:
-        LogitCache(str(p))
-        return True
-    except Exception:  # noqa: BLE001  (any failure to open means: not a finished cache; the dump will say why)
-        return False
+    from .store import is_finished_cache
+    return p.exists() and is_finished_cache(str(p))
 
 
 def lock_path(stage: Stage, root: Path) -> Path:
