@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import inspect
 import itertools
 import json
 import math
@@ -103,7 +104,7 @@ STUDENT_KEYS = {"fraction": float, "method": str, "alpha": float, "temperature":
 TEACHER_KEYS = {**TRAIN_KEYS, "seed": int, "record_dynamics": bool, "el2n_early_fraction": float,
                 "aum_fraction": float}
 DATA_KEYS = {"source": str, "src": str, "num_train": int, "num_test": int, "num_classes": int,
-             "image_size": int, "seed": int, "max_side": int, "jpeg_quality": int}
+             "image_size": int, "seed": int, "max_side": int, "jpeg_quality": int, "crop_side": int}
 DUMP_KEYS = {"batch_size": int, "chunk_rows": int, "topk": int, "temperature": float, "sample": int,
              "sample_seed": int}
 REPORT_KEYS = {"kd_alpha": float, "headline_fraction": float}
@@ -329,13 +330,29 @@ class Plan:
     students: list[Stage]       # in protocol order (the order they run in), no duplicates
 
 
+def _resolve_data(cfg: dict) -> dict:
+    """The data options with the defaults that shape this source's output filled in (so a changed
+    default is a new dataset): the generator's for synthetic data, the writer's for image folders."""
+    from .beton import convert
+    from .sources import make_synthetic
+
+    if cfg["source"] == "synthetic":
+        defaults = {k: p.default for k, p in inspect.signature(make_synthetic).parameters.items()}
+    elif cfg["source"] == "imagefolder":
+        params = inspect.signature(convert).parameters
+        defaults = {k: params[k].default for k in ("max_side", "jpeg_quality", "crop_side")}
+    else:
+        defaults = {}  # arrays stored as they are: no option changes the output
+    return {**defaults, **cfg}
+
+
 def plan(proto: Protocol) -> Plan:
     """Every stage of the protocol, with its dependencies."""
     raw, defaults = proto.raw, _defaults()
     data_cfg = _check_table(raw.get("data", {}), DATA_KEYS, f"{proto.path}: [data]")
     if "source" not in data_cfg:
         raise UserError(f"{proto.path}: [data] needs a source")
-    data = _stage("data", "data", data_cfg, [])
+    data = _stage("data", "data", _resolve_data(data_cfg), [])
     dump_cfg = {**asdict(DumpOptions()), **_check_table(raw.get("dump", {}), DUMP_KEYS,
                                                                    f"{proto.path}: [dump]")}
     dump_cfg.pop("device"), dump_cfg.pop("workers")  # where it runs, not what it computes
@@ -588,7 +605,7 @@ def build_data(runner: Runner, stage: Stage) -> None:
     cfg = stage.config
     options = {k: cfg[k] for k in SYNTHETIC_KEYS if k in cfg} if cfg["source"] == "synthetic" else {}
     source = load_source(cfg["source"], cfg.get("src"), **options)
-    extra = {k: cfg[k] for k in ("max_side", "jpeg_quality") if k in cfg}
+    extra = {k: cfg[k] for k in ("max_side", "jpeg_quality", "crop_side") if k in cfg}
     convert(source, stage.path(runner.root), num_workers=runner.workers, src=cfg.get("src"), **extra)
 
 
