@@ -69,6 +69,7 @@ class Batches:
             if self.crop_flip:
                 shifts = draw(self.seed, epoch, index.numpy().ravel())
                 x = crop_flip(x, *(torch.from_numpy(a).to(self.device) for a in shifts))
-            x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+            # x is this batch's own tensor (a fresh copy): normalise it in place, then lay it out channels-last
+            x = x.sub_(self.mean).div_(self.std).contiguous(memory_format=torch.channels_last)
             yield (x, labels.reshape(-1).to(self.device, copy=True),
                    index.reshape(-1).to(self.device, copy=True))
