@@ -150,16 +150,21 @@ def _indices(tmp_path, n):
     return path
 
 
+def kill_at(args: list, out, point: str) -> None:
+    """Run `kdcache *args --out out` in a process that SIGKILLs itself at `point` (see train.DIE_AFTER_ENV)."""
+    p = subprocess.run([sys.executable, "-m", "kdcache_cli.main", *map(str, args), "--out", str(out)],
+                       env={**os.environ, "KDCACHE_DIE_AFTER_EPOCH": point}, capture_output=True, text=True,
+                       timeout=SUBPROCESS_TIMEOUT)
+    assert p.returncode == -9, p.stderr[-2000:]
+
+
 @pytest.mark.parametrize("augment", ["--no-augment", "--augment"])  # augmentations are seeded too
 def test_resume_after_kill_equals_uninterrupted(synth, tmp_path, augment):
     args = ["train", "--data", synth / "train.beton", "--indices", _indices(tmp_path, 128), "--alpha", 0,
             "--epochs", 2, augment, *FAST]
     run_cli(*args, "--out", tmp_path / "whole")
     killed = tmp_path / "killed"
-    env = {**os.environ, "KDCACHE_DIE_AFTER_EPOCH": "1"}
-    p = subprocess.run([sys.executable, "-m", "kdcache_cli.main", *map(str, args), "--out", str(killed)],
-                       env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
-    assert p.returncode == -9, p.stderr[-2000:]
+    kill_at(args, killed, "1")
     assert (killed / "last.pt").exists() and not (killed / "summary.json").exists()
     assert len(read_metrics(killed)) == 1
     r = run_cli(*args, "--out", killed, expect=2)  # nothing lost on a crash: no silent restart
@@ -360,10 +365,7 @@ def test_resume_drops_metrics_written_after_the_last_checkpoint(synth, tmp_path)
             "--epochs", 2, "--no-augment", *FAST]
     run_cli(*args, "--out", tmp_path / "whole")
     killed = tmp_path / "killed"
-    env = {**os.environ, "KDCACHE_DIE_AFTER_EPOCH": "2:metrics"}
-    p = subprocess.run([sys.executable, "-m", "kdcache_cli.main", *map(str, args), "--out", str(killed)],
-                       env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
-    assert p.returncode == -9, p.stderr[-2000:]
+    kill_at(args, killed, "2:metrics")
     assert len(read_metrics(killed)) == 2 and torch.load(killed / "last.pt", weights_only=False)["epoch"] == 1
     run_cli(*args, "--out", killed, "--resume")
     a, b = read_metrics(tmp_path / "whole"), read_metrics(killed)
@@ -467,10 +469,8 @@ def test_a_run_killed_after_its_last_epoch_resumes_to_its_result(synth, tmp_path
     args = ["train", "--data", synth / "train.beton", "--indices", _indices(tmp_path, 64), "--alpha", 0,
             "--epochs", 2, "--no-augment", *FAST]
     killed = tmp_path / "killed"
-    p = subprocess.run([sys.executable, "-m", "kdcache_cli.main", *map(str, args), "--out", str(killed)],
-                       env={**os.environ, "KDCACHE_DIE_AFTER_EPOCH": "2"}, capture_output=True, text=True,
-                       timeout=SUBPROCESS_TIMEOUT)
-    assert p.returncode == -9 and not (killed / "summary.json").exists()
+    kill_at(args, killed, "2")
+    assert not (killed / "summary.json").exists()
     r = run_cli(*args, "--out", killed, "--resume")
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["test_acc"] == read_metrics(killed)[-1]["test_acc"] is not None
