@@ -391,10 +391,14 @@ def evaluate_claims(cells: list[Cell], ctx: Context) -> list[dict]:
 
 # --- times -----------------------------------------------------------------------------------------
 
-def stage_times(sweep_dir: Path) -> dict:
-    """Measured seconds per stage kind (summed over the log: a resumed stage counts each part)."""
-    path = sweep_dir / "stage_times.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+def stage_times(sweep_dir: Path, record: dict) -> dict:
+    """Measured seconds per stage kind, of this protocol's stages only (the log also holds stages of
+    earlier versions of the protocol or trainer, whose folders it no longer uses)."""
+    from .sweep import read_times
+
+    current = {record["data"], *(s for r in record["runs"] for s in (r["folder"], *r["stages"])),
+               *(t[k] for t in record["teachers"].values() for k in ("folder", "cache"))}
+    rows = [r for r in read_times(sweep_dir) if r["stage"] in current]
     kinds: dict[str, dict] = {}
     for r in rows:
         k = kinds.setdefault(r["kind"], {"stages": 0, "seconds": 0.0})
@@ -595,7 +599,7 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None, noise_k: 
     ctx = Context(noise_k, options.get("kd_alpha"), options.get("headline_fraction", 0.5),
                   teacher_sizes(sweep_dir, record))
     claims = evaluate_claims(cells, ctx)
-    times = stage_times(sweep_dir)
+    times = stage_times(sweep_dir, record)
     plots = plot_all(out, cells, claims) if cells else []
     write_csvs(out, runs, cells)
     result = {"sweep": str(sweep_dir), "protocol": record["protocol"], "protocol_sha256": record["protocol_sha256"],
