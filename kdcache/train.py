@@ -452,14 +452,13 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
             start = state["epoch"], state["step"], state["elapsed"]
             self.train_batches.loader.next_epoch = start[0]  # FFCV seeds each epoch's order with seed + epoch
-            kept = metrics.read_text().splitlines()[:start[0]]  # lines written after the checkpoint go
+            kept = read_metrics(self.out)[:start[0]]  # lines written after the checkpoint go
             # the last evaluation survives a resume (a run killed after its last epoch has no epoch left)
-            last = next((json.loads(line) for line in reversed(kept) if json.loads(line)["test_acc"] is not None),
-                        None)
+            last = next((row for row in reversed(kept) if row["test_acc"] is not None), None)
             if last is not None:
                 self.test_loss, self.test_acc = last["test_loss"], last["test_acc"]
             if self.rank == 0:
-                write_lines(metrics, kept)
+                write_lines(metrics, [json.dumps(row) for row in kept])
                 print(f"resuming {self.out} from epoch {start[0]} of {self.schedule.epochs}", flush=True)
         elif self.rank == 0:
             if self.cfg.resume:
