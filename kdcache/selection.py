@@ -187,16 +187,16 @@ def choose_subset(info, method: str, fraction: float, *, store: str | None = Non
         raise UserError(f"no selection method given: {METHODS_HELP}")
     if info is not None and info.split != "train":
         raise UserError(f"{info.path} is the {info.split} split; select from the training beton")
+    group = open_store(store, "r") if store is not None else None
     if method == "ccs" and ccs_score is None:
-        ccs_score = "aum" if store is not None and "aum" in score_names(open_store(store, "r")) else "el2n"
+        ccs_score = "aum" if group is not None and "aum" in score_names(group) else "el2n"
     score = None if method == "random" else ccs_score if method == "ccs" else method
     if store is None and (score is not None or info is None):
         need = f"--method {method}" if score is not None else "without --data, selection"
         raise UserError(f"{need} needs a --store holding scores ({METHODS_HELP})")
 
-    group = values = None
-    if store is not None:
-        group = open_store(store, "r")
+    values = None
+    if group is not None:
         if info is not None:
             check_dataset(group, info.train_fingerprint, info.path)
         if score is not None:
