@@ -65,11 +65,20 @@ class Batches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         epoch = self.loader.next_epoch  # FFCV's counter (it seeds the order); restored on resume
         for images, labels, index in self.loader:
-            x = images.to(self.device, non_blocking=True).float()  # .float() makes a fresh tensor
+            x = self._to_device(images, copy=False).float()  # .float() makes a fresh tensor
             if self.crop_flip:
-                shifts = draw(self.seed, epoch, index.numpy().ravel())
-                x = crop_flip(x, *(torch.from_numpy(a).to(self.device) for a in shifts))
+                dy, dx, flip = draw(self.seed, epoch, index.numpy().ravel())
+                dy, dx, flip = self._to_device(torch.from_numpy(np.stack([dy, dx, flip])))
+                x = crop_flip(x, dy, dx, flip.bool())
             # x is this batch's own tensor (a fresh copy): normalise it in place, then lay it out channels-last
             x = x.sub_(self.mean).div_(self.std).contiguous(memory_format=torch.channels_last)
-            yield (x, labels.reshape(-1).to(self.device, copy=True),
-                   index.reshape(-1).to(self.device, copy=True))
+            yield x, self._to_device(labels.reshape(-1)), self._to_device(index.reshape(-1))
+
+    def _to_device(self, t: torch.Tensor, copy: bool = True) -> torch.Tensor:
+        """A copy of `t` (FFCV reuses its buffers) on the device. To CUDA it goes through pinned memory
+        without blocking: a plain copy from pageable memory waits for the GPU to finish all queued
+        work, which stalls the step that follows (PyTorch's pinned-memory cache keeps the staging
+        block until the copy is done)."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device, copy=copy)

@@ -297,13 +297,14 @@ def recalibrate_bn(model: nn.Module, batches: Batches, amp: torch.dtype | None) 
 def evaluate(model: nn.Module, batches: Batches, amp: torch.dtype | None) -> tuple[float, float]:
     """Test loss and accuracy over every sample of `batches`."""
     model.eval()
-    loss = correct = count = 0
+    sums, count = torch.zeros(2, dtype=torch.float64, device=batches.device), 0
     with torch.inference_mode(), torch.autocast(batches.device.type, amp, enabled=amp is not None):
         for x, y, _ in batches:
             logits = model(x).float()
-            loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
+            sums[0] += nn.functional.cross_entropy(logits, y, reduction="sum")  # summed on the device: no
+            sums[1] += (logits.argmax(1) == y).sum()                             # wait for it per batch
             count += len(y)
+    loss, correct = sums.tolist()
     return loss / count, correct / count
 
 
@@ -533,7 +534,7 @@ class Trainer:
             self.recorder.update(index, logits, y)
         n = len(y)
         return torch.stack([loss.detach() * n, ce.detach() * n, kl.detach() * n,
-                            (logits.argmax(1) == y).sum(), torch.tensor(n, device=self.device)])
+                            (logits.argmax(1) == y).sum(), loss.new_full((), n)])  # no host-to-device copy
 
     def end_epoch(self, epoch: int, sums: torch.Tensor, train_time: float) -> None:
         """Gather the epoch's sums from every rank, evaluate, log a metrics row, checkpoint."""

@@ -17,7 +17,8 @@ def test_gpu_benchmark_runs_at_toy_size_on_cpu(tmp_path):
              test_labels=np.arange(16) % 2)
     out = tmp_path / "gpu.json"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--quick",
-                        "--workers", "1", "--out", str(out), "--real", str(real), "--real-epochs", "1"],
+                        "--workers", "1", "--out", str(out), "--real", str(real), "--real-epochs", "1",
+                        "--real-arch", "resnet8"],
                        capture_output=True, text=True,
                        timeout=SUBPROCESS_TIMEOUT, cwd=ROOT / "benchmarks")
     assert p.returncode == 0, p.stderr[-3000:]
@@ -31,4 +32,5 @@ def test_gpu_benchmark_runs_at_toy_size_on_cpu(tmp_path):
     assert set(r["met"]) == set(r["targets"])
     acc = r["accuracy"]
     assert acc["data"] == str(real) and acc["samples"] == 48 and acc["epochs"] == 1 and 0 <= acc["test_acc"] <= 1
-    assert f"(f) test accuracy {acc['test_acc']:.4f} after 1 CE epochs on 48 samples" in p.stdout
+    assert acc["arch"] == "resnet8" and r["first_dump_samples_per_sec"] > 0
+    assert f"(f) test accuracy {acc['test_acc']:.4f}: resnet8, 1 CE epochs on 48 samples" in p.stdout
