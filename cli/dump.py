@@ -28,12 +28,16 @@ D = DumpOptions()
               help="Store S classes drawn from the tempered teacher with their counts: unbiased sparse targets "
                    "(Sparse Logit Sampling; 0: off).")
 @click.option("--sample-seed", default=D.sample_seed, **SHOW, help="Seed of the --sample draws.")
+@click.option("--views", default=D.views, **SHOW,
+              help="1: the teacher's outputs on the clean image. K > 1: on K augmented views per sample (pad-4 "
+                   "crop + flip), stored with their parameters; students are shown exactly those views.")
+@click.option("--view-seed", default=D.view_seed, **SHOW, help="Seed of the --views draws.")
 @click.option("--device", default=D.device, **SHOW, help="auto (CUDA if available), cpu, cuda or cuda:N.")
 @click.option("--workers", default=D.workers, **SHOW, help="FFCV loader threads (-1: all cores).")
 @click.option("--overwrite", is_flag=True, default=False, **SHOW,
               help="Start over when --out holds another dump's store.")
 def dump(teacher, checkpoint, pretrained, data, out, batch_size, chunk_rows, topk, temperature, sample, sample_seed,
-         device, workers, overwrite):
+         views, view_seed, device, workers, overwrite):
     """Run the teacher once over the training set; cache its logits and difficulty scores in a Zarr
     store. A killed dump resumes when run again; under torchrun the ranks share the work."""
     from kdcache.device import rank
@@ -41,7 +45,8 @@ def dump(teacher, checkpoint, pretrained, data, out, batch_size, chunk_rows, top
 
     attrs = run_dump(teacher=teacher, checkpoint=checkpoint, pretrained=pretrained, data=data, out=out,
                      batch_size=batch_size, chunk_rows=chunk_rows, topk=topk, temperature=temperature, sample=sample,
-                     sample_seed=sample_seed, device=device, workers=workers, overwrite=overwrite)
+                     sample_seed=sample_seed, views=views, view_seed=view_seed, device=device, workers=workers,
+                     overwrite=overwrite)
     if rank() == 0:
         click.echo(f"{attrs['num_samples']} samples, teacher {teacher} accuracy "
                    f"{100 * attrs['teacher_accuracy']:.2f}% -> {out}")
@@ -78,6 +83,8 @@ def info(store, as_json):
         form = (f"top-{a['topk']} at temperature {a['temperature']:g}" if a.get("topk")
                 else f"{a['sample']} draws at temperature {a['temperature']:g}, classes + counts" if a.get("sample")
                 else "all logits, any temperature")
+        if (a.get("views") or 1) > 1:
+            form += f"; {a['views']} stored views ({a['view_recipe']}, seed {a['view_seed']}) with their parameters"
         lines.append(f"bytes      {d['bytes_per_sample']} per sample of teacher output ({form})")
     lines.append("arrays")
     width = max(len(k) for k in d["arrays"]) if d["arrays"] else 0

@@ -34,3 +34,33 @@ def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.T
     windows = F.pad(x, (pad, pad, pad, pad)).unfold(2, h, 1).unfold(3, w, 1)  # (B, C, 2p+1, 2p+1, H, W)
     out = windows[torch.arange(b, device=x.device), :, dy + pad, dx + pad]    # (B, C, H, W), a copy
     return torch.where(flip.view(-1, 1, 1, 1), out.flip(3), out)
+
+
+# --- stored views (kdcache dump --views K): the crops a multi-view cache holds targets for -----------
+
+VIEW_RECIPE = "pad4-crop-flip"  # what a stored view is, recorded in the store
+_VIEW_STREAMS = 1 << 40         # draw's epoch for view v is this + v: never a training epoch's
+
+
+def view_params(seed: int, index: np.ndarray, views: int) -> np.ndarray:
+    """(len(index), views, 3) int8: each sample's K views as (dy, dx, flip), a function of (seed,
+    sample index, view) only, so that every chunk and process of a dump draws the same ones."""
+    out = np.empty((len(index), views, 3), dtype=np.int8)
+    for v in range(views):
+        dy, dx, flip = draw(seed, _VIEW_STREAMS + v, index)
+        out[:, v] = np.stack([dy, dx, flip], axis=1)
+    return out
+
+
+def apply_view(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """The view (B, 3) `params` describe of each image of the unnormalised batch `x`: the one function
+    that makes a stored view's pixels, for the dump's teacher and the trainer's student alike."""
+    params = params.long()
+    return crop_flip(x, params[:, 0], params[:, 1], params[:, 2].bool())
+
+
+def choose_view(seed: int, epoch: int, index: np.ndarray, views: int) -> np.ndarray:
+    """The stored view each sample shows in `epoch`: (epoch + a per-sample offset) mod K, so that
+    every K epochs a sample shows each of its views exactly once, in a sample-dependent order."""
+    offset = (uniforms(seed, index, 1, stream=_VIEW_STREAMS - 1)[:, 0] * views).astype(np.int64)
+    return (epoch + offset) % views

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import store
+from .augment import VIEW_RECIPE, apply_view, view_params
 from .beton import DatasetInfo, dataset_info
 from .device import init_distributed, rank, resolve_device, world_size
 from .distill import DEFAULT_TEMPERATURE
@@ -47,6 +48,8 @@ class DumpOptions:
     temperature: float = DEFAULT_TEMPERATURE  # top-k / sample: the teacher's temperature (full logits serve any)
     sample: int = 0           # store S classes drawn from the tempered teacher, with counts (0: off)
     sample_seed: int = 0      # the draws are a function of (this seed, sample index, draw)
+    views: int = 1            # 1: outputs on the clean image; K > 1: on K stored augmented views per sample
+    view_seed: int = 0        # the views are a function of (this seed, sample index, view)
     device: str = "auto"      # auto, cpu, cuda or cuda:N
     workers: int = -1         # FFCV loader threads (-1: all cores)
 
@@ -71,8 +74,10 @@ def load_teacher(name: str, checkpoint: str | None, pretrained: bool, info: Data
 # --- the store -------------------------------------------------------------------------------------
 
 IDENTITY = (store.TRAIN_FINGERPRINT, "teacher", "checkpoint_sha256")
-LAYOUT = ("num_samples", "num_classes", "chunk_rows", "topk", "temperature", "sample", "sample_seed")
-NAMES = {store.TRAIN_FINGERPRINT: "train fingerprint", "checkpoint_sha256": "checkpoint SHA-256"}
+LAYOUT = ("num_samples", "num_classes", "chunk_rows", "topk", "temperature", "sample", "sample_seed", "views",
+          "view_seed", "view_recipe")
+NAMES = {store.TRAIN_FINGERPRINT: "train fingerprint", "checkpoint_sha256": "checkpoint SHA-256",
+         "views": "number of views"}
 
 
 def _say(value) -> str:
@@ -99,7 +104,7 @@ def prepare_store(url: str, attrs: dict, overwrite: bool) -> None:
         group = store.create_store(url, attrs, overwrite=old is not None)
     store.create_logit_arrays(group, num_samples=attrs["num_samples"], num_classes=attrs["num_classes"],
                               chunk_rows=attrs["chunk_rows"], topk=attrs["topk"], sample=attrs["sample"],
-                              scores=TEACHER_SCORES)
+                              scores=TEACHER_SCORES, views=attrs["views"])
 
 
 class _Writer(threading.Thread):
@@ -172,12 +177,16 @@ class _Chunks:
 # --- the pass over the data ------------------------------------------------------------------------
 
 def _batch_outputs(model, hook: dict, x: torch.Tensor, y: torch.Tensor, targets: dict,
-                   has_bias: bool) -> dict[str, torch.Tensor]:
+                   has_bias: bool, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Scores and accuracy from the clean image `x`; targets from it too, or, given stored `views`
+    (each a batch of one view of every sample), from those: (B, V, ...)."""
     logits = model(x).float()
     scores = teacher_scores(logits, y, hook["features"], has_bias)
     out = {f"{store.SCORES}/{name}": scores[name] for name in TEACHER_SCORES}
     out["correct"] = logits.argmax(1) == y
-    out["finite"] = torch.isfinite(logits).all(1)
+    if views:
+        logits = torch.stack([model(v).float() for v in views], dim=1)
+    out["finite"] = torch.isfinite(logits).flatten(1).all(1)
     topk, temperature = targets["topk"], targets["temperature"]
     if targets["sample"]:
         out[PROBS] = F.softmax(logits / temperature, dim=1)  # drawn from on the host, per sample index
@@ -185,7 +194,7 @@ def _batch_outputs(model, hook: dict, x: torch.Tensor, y: torch.Tensor, targets:
         out[store.LOGITS] = logits.half()
     else:
         # the tempered distribution's top k (FKD): at T > 1 its tail is not the T = 1 tail spread evenly
-        values, classes = F.log_softmax(logits / temperature, dim=1).topk(topk, dim=1)
+        values, classes = F.log_softmax(logits / temperature, dim=-1).topk(topk, dim=-1)
         out[store.TOPK_VALUES], out[store.TOPK_INDICES] = values.half(), classes.int()
     return out
 
@@ -208,7 +217,7 @@ def _store_batch(pending: dict, chunks: _Chunks, idx_dtype: np.dtype, targets: d
     index = h.pop("index").astype(np.int64)
     bad = ~h.pop("finite")
     stored = h.get(store.LOGITS, h.get(store.TOPK_VALUES, h.get(PROBS)))
-    bad |= ~np.isfinite(stored.astype(np.float32)).all(1)  # beyond float16's range
+    bad |= ~np.isfinite(stored.astype(np.float32)).reshape(len(index), -1).all(1)  # beyond float16's range
     if bad.any():
         raise UserError(f"the teacher's outputs for sample {int(index[bad].min())} are not finite "
                         "(nan, inf, or beyond float16's range)")
@@ -228,16 +237,18 @@ D = DumpOptions()
 def dump(*, teacher: str, data: str, out: str, checkpoint: str | None = None, pretrained: bool = False,
          batch_size: int = D.batch_size, chunk_rows: int = D.chunk_rows, topk: int | None = D.topk,
          temperature: float = D.temperature, sample: int = D.sample, sample_seed: int = D.sample_seed,
-         device: str = D.device, workers: int = D.workers, overwrite: bool = False, progress: bool = True) -> dict:
+         views: int = D.views, view_seed: int = D.view_seed, device: str = D.device, workers: int = D.workers,
+         overwrite: bool = False, progress: bool = True) -> dict:
     """Dump the teacher's logits and scores for every sample of the training beton `data` into the
     store at `out`, resuming a matching unfinished store. Returns the store's root attributes."""
     info = dataset_info(data)
     topk = topk or None
     sample = sample or None
-    _check_options(info, batch_size, chunk_rows, topk, temperature, sample)
+    _check_options(info, batch_size, chunk_rows, topk, temperature, sample, views)
     temperature = temperature if topk or sample else None  # full logits serve any temperature
     targets = {"topk": topk, "temperature": temperature, "sample": sample,
-               "sample_seed": sample_seed if sample else None}
+               "sample_seed": sample_seed if sample else None, "views": views,
+               "view_seed": view_seed if views > 1 else None, "view_recipe": VIEW_RECIPE if views > 1 else None}
     dev = resolve_device(device)
     distributed = init_distributed(dev)
     try:
@@ -265,7 +276,7 @@ def dump(*, teacher: str, data: str, out: str, checkpoint: str | None = None, pr
 
 
 def _check_options(info: DatasetInfo, batch_size: int, chunk_rows: int, topk: int | None,
-                   temperature: float, sample: int | None) -> None:
+                   temperature: float, sample: int | None, views: int) -> None:
     if info.split != "train":
         raise UserError(f"--data must be the training split's beton; {info.path} is the {info.split} split")
     if batch_size < 1 or chunk_rows < 1:
@@ -283,6 +294,13 @@ def _check_options(info: DatasetInfo, batch_size: int, chunk_rows: int, topk: in
         raise UserError(f"--sample must be at least 1 draw, got {sample}")
     if sample and topk:
         raise UserError("give either --topk or --sample, not both")
+    if views < 1:
+        raise UserError(f"--views must be at least 1, got {views}")
+    if views > 1 and sample:
+        raise UserError("--views does not combine with --sample yet: use full logits or --topk")
+    if views > 1 and not info.small:
+        raise UserError(f"--views needs small images (the pad-4 crop + flip recipe); {info.path} is an image "
+                        "folder, whose random-resized crops cannot be stored and replayed yet")
 
 
 def _prepare_on_rank0(out: str, attrs: dict, overwrite: bool, distributed: bool) -> None:
@@ -316,8 +334,10 @@ def _run(model, group, info: DatasetInfo, todo: list[int], *, batch_size: int, c
 
     n = info.size
     indices = np.concatenate([np.arange(k * chunk_rows, min((k + 1) * chunk_rows, n)) for k in todo])
+    views = targets["views"]
     batches = Batches(info, batch_size=batch_size, train=False, device=dev, indices=indices,
-                      num_workers=workers)
+                      num_workers=workers, normalise=views == 1)
+    table = torch.from_numpy(view_params(targets["view_seed"], np.arange(n), views)).to(dev) if views > 1 else None
     hook: dict = {}
     fc = last_linear(model)
     handle = fc.register_forward_pre_hook(lambda module, args: hook.__setitem__("features", args[0]))
@@ -330,8 +350,16 @@ def _run(model, group, info: DatasetInfo, todo: list[int], *, batch_size: int, c
     pending = None
     try:
         with torch.inference_mode(), autocast:
-            for x, y, index in tqdm(batches, desc="dump", unit="batch", disable=not progress):
-                out = _to_host(_batch_outputs(model, hook, x, y, targets, fc.bias is not None), y, index)
+            for x, y, index, _ in tqdm(batches, desc="dump", unit="batch", disable=not progress):
+                shown = []
+                if table is not None:  # x is raw: each view is made from it by the trainer's own function
+                    params = table[index]
+                    shown = [batches.normalise(apply_view(x, params[:, v])) for v in range(views)]
+                    x = batches.normalise(x)
+                out = _batch_outputs(model, hook, x, y, targets, fc.bias is not None, shown)
+                if table is not None:
+                    out[store.VIEW_PARAMS] = params
+                out = _to_host(out, y, index)
                 # store the previous batch while the device computes this one
                 if pending is not None:
                     _store_batch(pending, chunks, idx_dtype, targets)

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from .augment import crop_flip, draw
+from .augment import apply_view, choose_view, crop_flip, draw
 from .beton import DatasetInfo
 
 
@@ -28,23 +28,29 @@ def _pipelines(augment: bool, size: int, small: bool) -> dict:
 
 
 class Batches:
-    """Iterate an FFCV loader; each batch is normalised on `device` and copied out of FFCV's reused
-    buffers, so a batch stays valid after the next one arrives.
+    """Iterate an FFCV loader; each batch is (images, labels, sample indices, views), normalised on
+    `device` and copied out of FFCV's reused buffers, so a batch stays valid after the next one arrives.
 
     `train` means random order and augmentation (unless `augment` says otherwise); otherwise the
     samples come in index order, unaugmented, every one of them. Small images are augmented with
     `kdcache.augment` (crop + flip drawn from seed, epoch and sample index: reproducible); image folders
-    with FFCV's random-resized crop + flip (not yet seeded)."""
+    with FFCV's random-resized crop + flip (not yet seeded).
+
+    `views`, the (N, K, 3) view table of a multi-view cache, replaces the random crop: in each epoch a
+    sample shows one of its K stored views (`augment.choose_view`), and the batch's fourth element says
+    which (None without a table). `normalise=False` gives the raw pixels, as floats, for `normalise`."""
 
     def __init__(self, info: DatasetInfo, *, batch_size: int, train: bool, device: torch.device | str = "cpu",
                  indices: Sequence[int] | None = None, seed: int = 0, distributed: bool = False,
-                 num_workers: int = -1, augment: bool | None = None):
+                 num_workers: int = -1, augment: bool | None = None, views: np.ndarray | None = None,
+                 normalise: bool = True):
         from ffcv.loader import Loader, OrderOption
 
         self.device = torch.device(device)
         self.size = info.image_size
         self.seed = seed
         self.crop_flip = info.small and (train if augment is None else augment)
+        self.views, self.normalised = views, normalise
         if indices is not None:
             indices = np.sort(np.asarray(indices, dtype=np.int64))
         self.loader = Loader(
@@ -62,17 +68,25 @@ class Batches:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         epoch = self.loader.next_epoch  # FFCV's counter (it seeds the order); restored on resume
         for images, labels, index in self.loader:
             x = self._to_device(images, copy=False).float()  # .float() makes a fresh tensor
-            if self.crop_flip:
-                dy, dx, flip = draw(self.seed, epoch, index.numpy().ravel())
-                dy, dx, flip = self._to_device(torch.from_numpy(np.stack([dy, dx, flip])))
+            i, view = index.numpy().ravel(), None
+            if self.views is not None:
+                chosen = choose_view(self.seed, epoch, i, self.views.shape[1])
+                params = self._to_device(torch.from_numpy(self.views[i, chosen]))
+                x, view = apply_view(x, params), self._to_device(torch.from_numpy(chosen))
+            elif self.crop_flip:
+                dy, dx, flip = self._to_device(torch.from_numpy(np.stack(draw(self.seed, epoch, i))))
                 x = crop_flip(x, dy, dx, flip.bool())
-            # x is this batch's own tensor (a fresh copy): normalise it in place, then lay it out channels-last
-            x = x.sub_(self.mean).div_(self.std).contiguous(memory_format=torch.channels_last)
-            yield x, self._to_device(labels.reshape(-1)), self._to_device(index.reshape(-1))
+            if self.normalised:
+                x = self.normalise(x)
+            yield x, self._to_device(labels.reshape(-1)), self._to_device(index.reshape(-1)), view
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw float pixels -> the network's input, in place (x must be the caller's own tensor)."""
+        return x.sub_(self.mean).div_(self.std).contiguous(memory_format=torch.channels_last)
 
     def _to_device(self, t: torch.Tensor, copy: bool = True) -> torch.Tensor:
         """A copy of `t` (FFCV reuses its buffers) on the device. To CUDA it goes through pinned memory

@@ -21,9 +21,10 @@ KIND = "kind"                            # root attribute: what the store holds
 LOGITS_KIND = "teacher-logits"           # written by `kdcache dump`
 DYNAMICS_KIND = "dynamics"               # written by `kdcache train --record-dynamics`
 TRAIN_FINGERPRINT = "train_fingerprint"  # root attribute: the training split the store describes
-LOGITS = "logits"                        # (N, C) float16 teacher logits
-TOPK_VALUES = "topk_values"              # (N, K) float16 top-k log-probabilities ...
+LOGITS = "logits"                        # (N, C) float16 teacher logits; (N, V, C) with V stored views
+TOPK_VALUES = "topk_values"              # (N, K) float16 top-k log-probabilities ...  ((N, V, K) with views)
 TOPK_INDICES = "topk_indices"            # (N, K) ... and their classes, smallest unsigned type
+VIEW_PARAMS = "view_params"              # (N, V, 3) int8: each stored view's (dy, dx, flip), kdcache.augment
 SAMPLE_CLASSES = "sample_classes"        # (N, min(S, C)) classes drawn from the tempered teacher ...
 SAMPLE_COUNTS = "sample_counts"          # (N, min(S, C)) ... and how often each was drawn (of S)
 LABELS = "labels"                        # (N,) int64
@@ -159,23 +160,29 @@ def num_chunks(num_samples: int, chunk_rows: int) -> int:
 
 
 def create_logit_arrays(group: zarr.Group, *, num_samples: int, num_classes: int, chunk_rows: int,
-                        topk: int | None, sample: int | None, scores: dict[str, tuple[bool, str]]) -> None:
-    """The arrays of a logit cache, empty: teacher outputs (full or top-k), labels, `scores` (name ->
-    (higher_is_harder, description)) and the per-chunk bookkeeping, created last: its presence means
-    every other array exists."""
+                        topk: int | None, sample: int | None, scores: dict[str, tuple[bool, str]],
+                        views: int = 1) -> None:
+    """The arrays of a logit cache, empty: teacher outputs (full or top-k; per stored view when `views`
+    > 1, with the views' parameters), labels, `scores` (name -> (higher_is_harder, description)) and the
+    per-chunk bookkeeping, created last: its presence means every other array exists."""
     n, c = num_samples, num_classes
     rows = min(chunk_rows, max(n, 1))
+    per_view = (views,) if views > 1 else ()
+    if views > 1:
+        group.create_array(VIEW_PARAMS, shape=(n, views, 3), dtype="int8", chunks=(rows, views, 3), overwrite=True)
     if sample:
         k = min(sample, c)
         group.create_array(SAMPLE_CLASSES, shape=(n, k), dtype=index_dtype(c), chunks=(rows, k), overwrite=True)
         group.create_array(SAMPLE_COUNTS, shape=(n, k), dtype=index_dtype(sample + 1), chunks=(rows, k),
                            overwrite=True)
     elif topk is None:
-        group.create_array(LOGITS, shape=(n, c), dtype="float16", chunks=(rows, c), overwrite=True)
-    else:
-        group.create_array(TOPK_VALUES, shape=(n, topk), dtype="float16", chunks=(rows, topk), overwrite=True)
-        group.create_array(TOPK_INDICES, shape=(n, topk), dtype=index_dtype(c), chunks=(rows, topk),
+        group.create_array(LOGITS, shape=(n, *per_view, c), dtype="float16", chunks=(rows, *per_view, c),
                            overwrite=True)
+    else:
+        group.create_array(TOPK_VALUES, shape=(n, *per_view, topk), dtype="float16",
+                           chunks=(rows, *per_view, topk), overwrite=True)
+        group.create_array(TOPK_INDICES, shape=(n, *per_view, topk), dtype=index_dtype(c),
+                           chunks=(rows, *per_view, topk), overwrite=True)
     group.create_array(LABELS, shape=(n,), dtype="int64", chunks=(rows,), overwrite=True)
     for name, (harder, description) in scores.items():
         create_score(group, name, n, higher_is_harder=harder, description=description, chunk_rows=rows)
@@ -223,6 +230,7 @@ class LogitCache:
         self.num_classes = int(self.attrs["num_classes"])
         self.topk = self.attrs.get("topk")
         self.sample = self.attrs.get("sample")
+        self.views = int(self.attrs.get("views") or 1)  # 1: the clean image's outputs
         # the temperature a top-k or sampled cache's targets are exact at; None for full logits, which
         # serve any temperature
         self.temperature = self.attrs.get("temperature") if self.topk or self.sample else None
@@ -234,8 +242,13 @@ class LogitCache:
             self._arrays[name] = self.group[name][:]
         return self._arrays[name]
 
+    def view_params(self) -> np.ndarray:
+        """(N, V, 3) int8: the stored views' (dy, dx, flip), for the loader to replay (V > 1 only)."""
+        return self._array(VIEW_PARAMS)
+
     def logits(self, indices: np.ndarray) -> np.ndarray:
-        """float32 (len(indices), C) rows for `kd_loss`, whose softmax at temperature T is the target.
+        """float32 (len(indices), C) rows for `kd_loss`, whose softmax at temperature T is the target;
+        (len(indices), V, C), one row per stored view, for a multi-view cache.
 
         A full store gives the teacher's logits: exact at any T. A top-k store holds the K largest
         log-probabilities of the teacher's distribution at the store's temperature Ts; the target q gives
@@ -255,11 +268,11 @@ class LogitCache:
             return self._array(LOGITS)[indices].astype(np.float32)
         values = self._array(TOPK_VALUES)[indices].astype(np.float32)
         classes = self._array(TOPK_INDICES)[indices].astype(np.int64)
-        rest = 1.0 - np.exp(values).sum(1, keepdims=True)
+        rest = 1.0 - np.exp(values).sum(-1, keepdims=True)
         # float16 rounding can push the stored mass to (or past) 1: keep the remainder tiny but positive
         rest = np.log(np.maximum(rest, 1e-12) / (self.num_classes - self.topk))
-        out = np.repeat(rest.astype(np.float32), self.num_classes, axis=1)
-        np.put_along_axis(out, classes, values, axis=1)
+        out = np.repeat(rest.astype(np.float32), self.num_classes, axis=-1)
+        np.put_along_axis(out, classes, values, axis=-1)
         return out * np.float32(self.temperature)
 
     def labels(self) -> np.ndarray:
@@ -276,9 +289,10 @@ def is_finished_cache(url: str) -> bool:
 
 
 def bytes_per_sample(group: zarr.Group) -> int:
-    """Bytes of teacher output per sample, uncompressed: C x 2 (full) or K x (2 + index size) (top-k)."""
+    """Bytes a student reads per sample, uncompressed: C x 2 (full) or K x (2 + index size) (top-k),
+    times V plus V x 3 for the view parameters of a cache of V stored views."""
     names = ((TOPK_VALUES, TOPK_INDICES) if TOPK_VALUES in group else (SAMPLE_CLASSES, SAMPLE_COUNTS)
-             if SAMPLE_CLASSES in group else (LOGITS,))
+             if SAMPLE_CLASSES in group else (LOGITS,)) + (VIEW_PARAMS,)
     return int(sum(np.prod(group[n].shape[1:]) * group[n].dtype.itemsize for n in names if n in group))
 
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import __version__
+from .augment import VIEW_RECIPE
 from .beton import DatasetInfo, dataset_info
 from .device import init_distributed, rank, resolve_device, world_size
 from .distill import DEFAULT_TEMPERATURE, auto_alpha, kd_loss
@@ -192,33 +193,36 @@ def _check_sidecar(indices: str, info: DatasetInfo) -> None:
 # --- teachers: one call signature, (images, sample indices) -> logits ----------------------------
 
 class CachedTeacher:
-    """Looks a batch's teacher rows up by sample index: the selected rows of the cache are read once
-    into a device tensor, so a step is one gather."""
+    """Looks a batch's teacher rows up by sample index (and stored view): the selected rows of the cache
+    are read once into a device tensor, so a step is one gather."""
 
     def __init__(self, cache, indices: np.ndarray, num_samples: int, device: torch.device):
         self.bytes_per_sample = cache.bytes_per_sample
         self.temperature = getattr(cache, "temperature", None)  # the only one a top-k cache serves exactly
-        self.rows = torch.from_numpy(cache.logits(indices)).to(device)
+        self.rows = torch.from_numpy(cache.logits(indices)).to(device)  # (n, C), or (n, K, C) with K views
+        # the (N, K, 3) view table of a multi-view cache: what the student's loader must show
+        self.views = cache.view_params() if getattr(cache, "views", 1) > 1 else None
         position = torch.full((num_samples,), -1, dtype=torch.long)
         position[torch.from_numpy(indices)] = torch.arange(len(indices))
         self.position = position.to(device)
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return self.rows[self.position[index]]
+    def __call__(self, x: torch.Tensor, index: torch.Tensor, view: torch.Tensor | None = None) -> torch.Tensor:
+        rows = self.position[index]
+        return self.rows[rows] if view is None else self.rows[rows, view]
 
 
 class OnlineTeacher:
     """Runs the teacher on the batch: the baseline a cache must match."""
 
-    bytes_per_sample = temperature = None
+    bytes_per_sample = temperature = views = None
 
     def __init__(self, model: nn.Module):
         self.model = model
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return self.model(x).float()
+    def __call__(self, x: torch.Tensor, index: torch.Tensor, view: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(x).float()  # on the student's own view
 
 
 def make_teacher(cfg: TrainConfig, info: DatasetInfo, indices: np.ndarray,
@@ -235,6 +239,9 @@ def make_teacher(cfg: TrainConfig, info: DatasetInfo, indices: np.ndarray,
         raise UserError(f"cache {cfg.cache} holds {form} targets at temperature {cache.temperature:g}, "
                         f"exact only there: train with --temperature {cache.temperature:g} (or dump again with "
                         f"--temperature {cfg.temperature:g})")
+    if cache.views > 1 and not cfg.augment:
+        raise UserError(f"cache {cfg.cache} holds targets for {cache.views} augmented views and none for the "
+                        "clean image: train with augmentation on (drop --no-augment), or use a single-view cache")
     return CachedTeacher(cache, indices, info.size, device)
 
 
@@ -286,7 +293,7 @@ def recalibrate_bn(model: nn.Module, batches: Batches, amp: torch.dtype | None) 
     was_training = model.training
     model.train()
     with torch.autocast(batches.device.type, amp, enabled=amp is not None):
-        for x, _, _ in batches:
+        for x, _, _, _ in batches:
             model(x)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
@@ -299,7 +306,7 @@ def evaluate(model: nn.Module, batches: Batches, amp: torch.dtype | None) -> tup
     model.eval()
     sums, count = torch.zeros(2, dtype=torch.float64, device=batches.device), 0
     with torch.inference_mode(), torch.autocast(batches.device.type, amp, enabled=amp is not None):
-        for x, y, _ in batches:
+        for x, y, _, _ in batches:
             logits = model(x).float()
             sums[0] += nn.functional.cross_entropy(logits, y, reduction="sum")  # summed on the device: no
             sums[1] += (logits.argmax(1) == y).sum()                             # wait for it per batch
@@ -384,8 +391,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.arch, info.num_classes, info.image_size).to(
             device, memory_format=torch.channels_last)
+        self.views = getattr(self.teacher, "views", None)  # a multi-view cache's: shown exactly as stored
         self.train_batches = Batches(info, batch_size=self.batch_size, train=True, augment=cfg.augment,
-                                     device=device, indices=self.indices, seed=cfg.seed,
+                                     device=device, indices=self.indices, seed=cfg.seed, views=self.views,
                                      distributed=self.world > 1, num_workers=cfg.workers)
         self.test_batches = Batches(test_info, batch_size=512, train=False, device=device, num_workers=cfg.workers)
         self.bn_batches = self._bn_batches()
@@ -406,6 +414,16 @@ class Trainer:
             return None
         from .beton import beton_labels
         return beton_labels(self.info.path)
+
+    def _targets(self) -> str:
+        """What the soft targets describe, for config.json."""
+        if self.teacher is None:
+            return "none (no teacher)"
+        if isinstance(self.teacher, OnlineTeacher):
+            return "the teacher run on the student's own view"
+        if self.views is not None:
+            return f"{self.views.shape[1]} stored views per sample ({VIEW_RECIPE}), replayed to the student"
+        return "the clean image" + (" (the student sees augmented views of it)" if self.cfg.augment else "")
 
     def _batch_size(self) -> int:
         batch_size = min(self.cfg.batch_size, len(self.indices) // self.world)
@@ -428,7 +446,7 @@ class Trainer:
         s, cfg = self.schedule, self.cfg
         amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp, "off")
         return {**dataclasses.asdict(cfg), "alpha_resolved": self.alpha, "temperature_resolved": self.temperature,
-                "amp_resolved": amp,
+                "amp_resolved": amp, "teacher_targets": self._targets(),
                 "fraction_kept": self.fraction,
                 "num_selected": len(self.indices), "batch_size_used": self.batch_size,
                 "steps_per_epoch": s.steps_per_epoch, "total_steps": s.total_steps, "epochs_run": s.epochs,
@@ -507,22 +525,23 @@ class Trainer:
         t0 = time.perf_counter()
         bar = tqdm(self.train_batches, desc=f"epoch {epoch + 1}/{self.schedule.epochs}", disable=self.rank != 0,
                    leave=False, mininterval=1.0, dynamic_ncols=True)
-        for x, y, index in bar:
+        for x, y, index, view in bar:
             if self.step >= self.schedule.total_steps:
                 break
-            sums += self.train_step(x, y, index)
+            sums += self.train_step(x, y, index, view)
             self.step += 1
             if self.step % 20 == 0:
                 bar.set_postfix(loss=f"{sums[0].item() / sums[4].item():.3f}",
                                 img_s=f"{sums[4].item() * self.world / (time.perf_counter() - t0):.0f}")
         return sums
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+                   view: torch.Tensor | None) -> torch.Tensor:
         s, cfg = self.schedule, self.cfg
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, s.total_steps, s.warmup_steps, cfg.lr)
         with torch.autocast(self.device.type, self.amp, enabled=self.amp is not None):
-            target = self.teacher(x, index) if self.teacher is not None else None
+            target = self.teacher(x, index, view) if self.teacher is not None else None
             logits = self.net(x)
         loss, ce, kl = kd_loss(logits, target, y, self.alpha, self.temperature, cfg.label_smoothing)
         self.opt.zero_grad(set_to_none=True)

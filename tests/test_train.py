@@ -83,7 +83,7 @@ def test_epoch_visits_selected_indices_once(synth):
                       num_workers=1)
     orders = []
     for _ in range(2):
-        seen = torch.cat([index for _, _, index in batches]).numpy()
+        seen = torch.cat([index for _, _, index, _ in batches]).numpy()
         assert sorted(seen.tolist()) == sorted(chosen.tolist())
         orders.append(seen)
     assert not np.array_equal(orders[0], orders[1])  # reshuffled every epoch
@@ -104,7 +104,7 @@ def test_cached_logits_reach_their_samples(synth):
     info = dataset_info(synth / "train.beton")
     chosen = np.arange(3, 400, 5)
     teacher = CachedTeacher(IndexCache(), chosen, info.size, torch.device("cpu"))
-    for x, _, index in Batches(info, batch_size=16, train=True, indices=chosen, num_workers=1):
+    for x, _, index, _ in Batches(info, batch_size=16, train=True, indices=chosen, num_workers=1):
         rows = teacher(x, index)
         assert torch.equal(rows[:, 0].long(), index) and torch.equal(rows[:, 2].long(), 2 * index)
 
@@ -263,7 +263,7 @@ dist.init_process_group("gloo")
 chosen = np.arange(0, 400, 2)[:int(sys.argv[3])]
 batches = Batches(dataset_info(sys.argv[1]), batch_size=16, train=True, indices=chosen, distributed=True,
                   num_workers=1)
-epochs = [torch.cat([i for _, _, i in batches]).numpy() for _ in range(2)]
+epochs = [torch.cat([i for _, _, i, _ in batches]).numpy() for _ in range(2)]
 np.save(f"{sys.argv[2]}/rank{dist.get_rank()}.npy", np.stack(epochs))
 """
 
