@@ -12,7 +12,8 @@ Protocol format (TOML, e.g. `protocols/smoke.toml`)
     epochs = 3
     record_dynamics = true         # its own dynamics store: forgetting, el2n_early, dynunc, aum
 
-    [dump]                         # `kdcache dump` options for every teacher: batch_size, chunk_rows, topk
+    [dump]                         # `kdcache dump` options for every teacher: batch_size, chunk_rows, topk,
+                                   #   temperature, sample, sample_seed, view_seed
 
     [defaults]                     # student keys every [[students]] table starts from
     arch = "resnet8"
@@ -28,13 +29,15 @@ Protocol format (TOML, e.g. `protocols/smoke.toml`)
 
 Student keys: `fraction` and `alpha` (required), `method` (random, ccs or a score; default random),
 `temperature`, `seed`, `teacher` (a [teachers] name; default: the first), `online` (run the teacher in
-the loop instead of reading its cache), `scores` (the teacher whose cache or dynamics store supplies
-selection scores, the same for every student so that KD and no-KD runs share their subsets; default:
-the first teacher), `keep`, `class_balanced`, `ccs_beta`, `ccs_strata`, `ccs_score`, and the training
-keys `arch`, `epochs`, `steps`, `batch_size`, `lr`, `momentum`, `weight_decay`, `warmup`,
-`label_smoothing`, `augment`, `eval_every`, `amp`, `compile`, `bn_batches`. Any student key may be a table keyed by
-fraction instead of a value, e.g. `epochs = { "0.1" = 60, "0.5" = 20 }`. A relative `src` is relative
-to the folder `kdcache sweep` runs in. Unset training keys take `kdcache train`'s defaults.
+the loop instead of reading its cache), `views` (read a cache of K stored augmented views, dumped once
+per teacher and K by `kdcache dump --views K`; default 1: the clean image's outputs), `scores` (the
+teacher whose cache or dynamics store supplies selection scores, the same for every student so that KD
+and no-KD runs share their subsets; default: the first teacher), `keep`, `class_balanced`, `ccs_beta`,
+`ccs_strata`, `ccs_score`, and the training keys `arch`, `epochs`, `steps`, `batch_size`, `lr`,
+`momentum`, `weight_decay`, `warmup`, `label_smoothing`, `augment`, `eval_every`, `amp`, `compile`,
+`bn_batches`. Any student key may be a table keyed by fraction instead of a value, e.g.
+`epochs = { "0.1" = 60, "0.5" = 20 }`. A relative `src` is relative to the folder `kdcache sweep` runs
+in. Unset training keys take `kdcache train`'s defaults.
 
 Stages and folders
 ------------------
@@ -100,13 +103,14 @@ TRAIN_KEYS = {"arch": str, "epochs": int, "steps": int, "batch_size": int, "lr":
               "eval_every": int, "amp": str, "compile": bool, "bn_batches": int}
 SELECT_KEYS = {"keep": str, "class_balanced": bool, "ccs_beta": float, "ccs_strata": int, "ccs_score": str}
 STUDENT_KEYS = {"fraction": float, "method": str, "alpha": float, "temperature": float, "seed": int,
-                "teacher": str, "online": bool, "scores": str, **SELECT_KEYS, **TRAIN_KEYS}
+                "teacher": str, "online": bool, "views": int, "scores": str, **SELECT_KEYS, **TRAIN_KEYS}
 TEACHER_KEYS = {**TRAIN_KEYS, "seed": int, "record_dynamics": bool, "el2n_early_fraction": float,
                 "aum_fraction": float}
 DATA_KEYS = {"source": str, "src": str, "num_train": int, "num_test": int, "num_classes": int,
              "image_size": int, "seed": int, "max_side": int, "jpeg_quality": int, "crop_side": int}
 DUMP_KEYS = {"batch_size": int, "chunk_rows": int, "topk": int, "temperature": float, "sample": int,
-             "sample_seed": int}
+             "sample_seed": int, "view_seed": int}
+VIEW_DUMP_KEYS = ("views", "view_seed")  # in a dump stage's config only when it stores views
 REPORT_KEYS = {"kd_alpha": float, "headline_fraction": float}
 TOP_KEYS = {"name", "description", "data", "teachers", "dump", "defaults", "students", "report"}
 SYNTHETIC_KEYS = ("num_train", "num_test", "num_classes", "image_size", "seed")
@@ -288,6 +292,9 @@ def normalise(run: dict) -> dict:
         run["keep"] = None
     if run["teacher"] is not None and run["temperature"] is None:
         run["temperature"] = DEFAULT_TEMPERATURE  # what the trainer would use: one run, one folder
+    views = run.pop("views", None) or 1  # a key only where a cache of stored views is read: older folders stay
+    if run["teacher"] is not None and not run["online"] and views > 1:
+        run["views"] = views
     for key, kind in STUDENT_KEYS.items():  # 4 and 4.0 are one value: one folder
         if kind is float and run.get(key) is not None:
             run[key] = float(run[key])
@@ -326,7 +333,7 @@ class Plan:
     protocol: Protocol
     data: Stage
     teachers: dict[str, Stage]
-    dumps: dict[str, Stage]
+    dumps: dict[str, Stage]     # by teacher name; "<teacher>@views<K>" for caches of K stored views
     students: list[Stage]       # in protocol order (the order they run in), no duplicates
 
 
@@ -356,6 +363,7 @@ def plan(proto: Protocol) -> Plan:
     dump_cfg = {**asdict(DumpOptions()), **_check_table(raw.get("dump", {}), DUMP_KEYS,
                                                                    f"{proto.path}: [dump]")}
     dump_cfg.pop("device"), dump_cfg.pop("workers")  # where it runs, not what it computes
+    view_cfg = {k: dump_cfg.pop(k) for k in VIEW_DUMP_KEYS}  # single-view caches keep their earlier names
     teachers, dumps = {}, {}
     for name, table in raw["teachers"].items():
         where = f"{proto.path}: [teachers.{name}]"
@@ -368,6 +376,9 @@ def plan(proto: Protocol) -> Plan:
     students: dict[str, Stage] = {}
     selections: dict[str, Stage] = {}
     for run in student_runs(proto):
+        if run.get("views", 1) > 1 and (key := f"{run['teacher']}@views{run['views']}") not in dumps:
+            dumps[key] = _stage("dump", f"cache-{run['teacher']}-views{run['views']}",
+                                {**dump_cfg, **view_cfg, "views": run["views"]}, [teachers[run["teacher"]]], ".zarr")
         sel = _selection(run, data, teachers, dumps)
         sel = selections.setdefault(sel.name, sel)
         st = _student(run, data, sel, teachers, dumps)
@@ -386,9 +397,12 @@ def _selection(run: dict, data: Stage, teachers: dict, dumps: dict) -> Stage:
 
 def _student(run: dict, data: Stage, sel: Stage, teachers: dict, dumps: dict) -> Stage:
     deps = [data, sel]
+    views = run.get("views", 1)
     if run["teacher"] is not None:
-        deps.append(teachers[run["teacher"]] if run["online"] else dumps[run["teacher"]])
+        deps.append(teachers[run["teacher"]] if run["online"] else
+                    dumps[f"{run['teacher']}@views{views}" if views > 1 else run["teacher"]])
     who = "noKD" if run["teacher"] is None else run["teacher"] + ("-online" if run["online"] else "")
+    who += f"-views{views}" if views > 1 else ""
     prefix = f"students/{run['method']}-f{run['fraction']:g}-a{run['alpha']:g}-{who}-s{run['seed']}"
     return _stage("student", prefix, run, deps)
 

@@ -159,7 +159,7 @@ def direct_cells(out: Path) -> dict[str, dict]:
 
 def test_report_numbers_equal_a_direct_computation(swept, tmp_path):
     result = run_cli("report", swept.out, "--out", tmp_path)
-    assert result.output.count("claim ") == 6
+    assert result.output.count("claim ") == 7
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     cells = list(csv.DictReader((tmp_path / "cells.csv").open()))
     assert len(rows) == 42 and all(r["finished"] == "True" for r in rows)
@@ -175,7 +175,7 @@ def test_report_numbers_equal_a_direct_computation(swept, tmp_path):
         assert f"{100 * np.mean(acc):.2f} ± {100 * np.std(acc, ddof=1):.2f}" in md
 
     verdicts = json.loads((tmp_path / "verdicts.json").read_text())
-    assert [c["id"] for c in verdicts["claims"]] == [1, 2, 3, 4, 5, 6]
+    assert [c["id"] for c in verdicts["claims"]] == [1, 2, 3, 4, 5, 6, 7]
     by_id = {c["id"]: c for c in verdicts["claims"]}
     assert len(by_id[1]["comparisons"]) == 9 and len(by_id[2]["comparisons"]) == 6  # 8 method cells + small
     assert len(by_id[3]["comparisons"]) == 4 and len(by_id[4]["comparisons"]) == 1
@@ -306,6 +306,49 @@ def test_claims_on_hand_made_runs():
     designated = {c["id"]: c for c in evaluate_claims(cells, Context(2.0, 0.9, 0.5, {}))}
     assert "alpha 0.9" in designated[1]["comparisons"][1]["label"]
     assert designated[5]["comparisons"][0]["diff"] == pytest.approx(0.655 - 0.71)
+
+
+def test_view_claims_on_hand_made_runs():
+    """Claim 7 sets each cache of stored views against the clean-view cache; claim 6 the best cache
+    against the online teacher."""
+    from kdcache.report import Context, evaluate_claims, make_cells
+    from kdcache.sweep import normalise
+
+    base = {"method": "random", "teacher": "t", "temperature": 4.0, "scores": "t", "keep": "hard",
+            "class_balanced": False, "ccs_beta": 0.1, "ccs_strata": 50, "ccs_score": "el2n", "arch": "resnet8",
+            "epochs": 2, "steps": None, "augment": True, "fraction": 0.1, "alpha": 0.9}
+    accs = {(False, 1): [0.50, 0.51], (False, 4): [0.55, 0.56], (False, 16): [0.49, 0.50], (True, 1): [0.52, 0.53]}
+    runs = [{"folder": f"r{o}-{v}-{s}", "config": normalise({**base, "online": o, "views": v, "seed": s}),
+             "summary": {"test_acc": acc, "best_test_acc": acc, "images_per_sec": 100}}
+            for (o, v), values in accs.items() for s, acc in enumerate(values)]
+    assert [r["config"].get("views") for r in runs] == [None, None, 4, 4, 16, 16, None, None]
+    claims = {c["id"]: c for c in evaluate_claims(make_cells(runs), Context(2.0, None, 0.5, {}))}
+    views = claims[7]["comparisons"]
+    where = "random 0.1, teacher t, alpha 0.9, 2 epochs"
+    assert [c["label"] for c in views] == [f"{where}: 4 stored views vs the clean view",
+                                           f"{where}: 16 stored views vs the clean view"]
+    assert [c["verdict"] for c in views] == [HOLDS, NOISE] and claims[7]["verdict"] == HOLDS
+    online = claims[6]["comparisons"]
+    assert len(online) == 1 and "cached (4 stored views, the best of 3) vs online" in online[0]["label"]
+    assert online[0]["diff"] == pytest.approx(0.555 - 0.525) and claims[6]["verdict"] == HOLDS
+
+
+def test_students_with_views_read_their_own_cache(tmp_path):
+    text = PROTOCOL.read_text()
+    table = "[[students]]\nfraction = 0.25\nalpha = 0.9\naugment = true\nonline = [false, true]\n"
+    assert table in text
+    changed = tmp_path / "views.toml"
+    changed.write_text(text.replace(table, table + "views = [1, 4]\n"))
+    old, new = plan(load_protocol(PROTOCOL)), plan(load_protocol(changed))
+    assert {s.name for s in new.students} - {s.name for s in old.students} == {
+        s.name for s in new.students if s.config.get("views") == 4}  # views = 1: the same runs as before
+    multi = [s for s in new.students if s.config.get("views") == 4]
+    dump = new.dumps["large@views4"]
+    assert len(multi) == 2 and all(s.deps[2] is dump and "-large-views4-" in s.name for s in multi)
+    assert dump.name.startswith("cache-large-views4-") and dump.config["views"] == 4
+    assert dump.config["view_seed"] == 0 and dump.deps == [new.teachers["large"]]
+    assert "views" not in new.dumps["large"].config and new.dumps["large"].name == old.dumps["large"].name
+    assert not any("views" in s.config for s in new.students if s.config["online"])
 
 
 def test_matches_or_beats_needs_seeds_on_both_sides():
