@@ -35,7 +35,7 @@ def bare_inference(model, info: dict, dev: torch.device, batch_size: int, worker
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
     start = time.perf_counter()
     with torch.inference_mode(), autocast:
-        for x, _, _ in batches:
+        for x, _, _, _ in batches:
             model(x)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

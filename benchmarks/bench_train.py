@@ -38,7 +38,7 @@ def teacher_throughput(name: str, info: dict, indices: np.ndarray, dev: torch.de
     model = build_model(name, info.num_classes, info.image_size).to(dev, memory_format=torch.channels_last)
     model.eval()
     batches = Batches(info, batch_size=batch_size, train=True, device=dev, indices=indices, num_workers=-1)
-    xs = [x for x, _, _ in batches]  # load first, so only the model is timed
+    xs = [x for x, _, _, _ in batches]  # load first, so only the model is timed
     amp = dev.type == "cuda"
     with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=amp):
         model(xs[0])

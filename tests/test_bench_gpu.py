@@ -25,7 +25,9 @@ def test_gpu_benchmark_runs_at_toy_size_on_cpu(tmp_path):
     r = json.loads(out.read_text())
     assert r["device"] == "cpu" and r["quick"] and r["samples"] == 256
     speed = r["images_per_sec"]
-    assert set(speed) == {"ce", "cached_kd", "online_kd_resnet50", "online_kd_resnet8"}
+    assert set(speed) == {"ce", "cached_kd", "cached_kd_views2", "online_kd_resnet50", "online_kd_resnet8"}
+    assert r["ratios"]["views_over_cached"] == pytest.approx(speed["cached_kd_views2"] / speed["cached_kd"])
+    assert r["views"] == 2 and r["dump_views_samples_per_sec"] > 0
     assert all(v > 0 for v in speed.values()) and r["bound_images_per_sec"] > 0
     assert r["ratios"]["cached_over_ce"] == pytest.approx(speed["cached_kd"] / speed["ce"])
     assert r["ratios"]["dump_over_bare"] == pytest.approx(r["dump_samples_per_sec"] / r["bare_samples_per_sec"])
