@@ -45,9 +45,10 @@ CLAIMS = {
     5: "headline: a student on a random 50% with KD matches or beats the same network on 100% without KD",
     6: "cached KD (its best stored form) matches or beats online KD (same teacher, subset and seeds)",
     7: "a cache of K stored views matches or beats the single clean-view cache",
+    8: "sparse targets (top-k or sampled) match full logits at a fraction of the bytes",
 }
-ORDER = ["fraction", "method", "alpha", "teacher", "online", "views", "temperature", "augment", "arch", "epochs",
-         "steps"]
+ORDER = ["fraction", "method", "alpha", "teacher", "online", "views", "topk", "sample", "temperature", "augment",
+         "arch", "epochs", "steps"]
 SELECTION_FIELDS = {"method", "scores", "keep", "class_balanced", "ccs_beta", "ccs_strata", "ccs_score"}
 
 
@@ -398,8 +399,23 @@ def claim_views(cells: list[Cell], ctx: Context) -> tuple[list[dict], Callable]:
     return comps, matches_or_beats
 
 
+def claim_sparse(cells: list[Cell], ctx: Context) -> tuple[list[dict], Callable]:
+    comps = []
+    for group in groups(cached([c for c in cells if c["alpha"] > 0]), {"topk", "sample"}):
+        full = [c for c in group if not c.fields.get("topk") and not c.fields.get("sample")]
+        sparse = sorted((c for c in group if c not in full),
+                        key=lambda c: (c.fields.get("topk") is None, c.fields.get("topk") or c.fields.get("sample")))
+        for c in sparse if len(full) == 1 else []:
+            form = f"top-{c['topk']}" if c.fields.get("topk") else f"{c['sample']} sampled draws"
+            bytes_ = Stats.of([r["summary"].get("cache_bytes_per_sample") or 0 for r in c.runs]).mean
+            comp = compare(f"{_where(c)}, teacher {c['teacher']}, alpha {c['alpha']:g}: {form} ({bytes_:.0f} bytes "
+                           "per sample) vs full logits", c, full[0], ctx.k)
+            comps.append(comp)
+    return comps, matches_or_beats
+
+
 CLAIM_FUNCTIONS = {1: claim_kd_helps, 2: claim_random_wins, 3: claim_alpha_trend, 4: claim_small_teacher,
-                   5: claim_headline, 6: claim_cached_online, 7: claim_views}
+                   5: claim_headline, 6: claim_cached_online, 7: claim_views, 8: claim_sparse}
 
 
 def evaluate_claims(cells: list[Cell], ctx: Context) -> list[dict]:

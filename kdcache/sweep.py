@@ -29,8 +29,9 @@ Protocol format (TOML, e.g. `protocols/smoke.toml`)
 
 Student keys: `fraction` and `alpha` (required), `method` (random, ccs or a score; default random),
 `temperature`, `seed`, `teacher` (a [teachers] name; default: the first), `online` (run the teacher in
-the loop instead of reading its cache), `views` (read a cache of K stored augmented views, dumped once
-per teacher and K by `kdcache dump --views K`; default 1: the clean image's outputs), `scores` (the
+the loop instead of reading its cache), `views`, `topk` and `sample` (read a cache of that form, dumped
+once per teacher and form by `kdcache dump --views K / --topk K / --sample S`, at the student's
+temperature; default: the [dump] table's cache, full logits of the clean image), `scores` (the
 teacher whose cache or dynamics store supplies selection scores, the same for every student so that KD
 and no-KD runs share their subsets; default: the first teacher), `keep`, `class_balanced`, `ccs_beta`,
 `ccs_strata`, `ccs_score`, and the training keys `arch`, `epochs`, `steps`, `batch_size`, `lr`,
@@ -103,7 +104,8 @@ TRAIN_KEYS = {"arch": str, "epochs": int, "steps": int, "batch_size": int, "lr":
               "eval_every": int, "amp": str, "compile": bool, "bn_batches": int}
 SELECT_KEYS = {"keep": str, "class_balanced": bool, "ccs_beta": float, "ccs_strata": int, "ccs_score": str}
 STUDENT_KEYS = {"fraction": float, "method": str, "alpha": float, "temperature": float, "seed": int,
-                "teacher": str, "online": bool, "views": int, "scores": str, **SELECT_KEYS, **TRAIN_KEYS}
+                "teacher": str, "online": bool, "views": int, "topk": int, "sample": int, "scores": str,
+                **SELECT_KEYS, **TRAIN_KEYS}
 TEACHER_KEYS = {**TRAIN_KEYS, "seed": int, "record_dynamics": bool, "el2n_early_fraction": float,
                 "aum_fraction": float}
 DATA_KEYS = {"source": str, "src": str, "num_train": int, "num_test": int, "num_classes": int,
@@ -111,6 +113,7 @@ DATA_KEYS = {"source": str, "src": str, "num_train": int, "num_test": int, "num_
 DUMP_KEYS = {"batch_size": int, "chunk_rows": int, "topk": int, "temperature": float, "sample": int,
              "sample_seed": int, "view_seed": int}
 VIEW_DUMP_KEYS = ("views", "view_seed")  # in a dump stage's config only when it stores views
+CACHE_FORMS = {"views": 1, "topk": 0, "sample": 0}  # student keys choosing a cache's form, and their "none"
 REPORT_KEYS = {"kd_alpha": float, "headline_fraction": float}
 TOP_KEYS = {"name", "description", "data", "teachers", "dump", "defaults", "students", "report"}
 SYNTHETIC_KEYS = ("num_train", "num_test", "num_classes", "image_size", "seed")
@@ -292,9 +295,10 @@ def normalise(run: dict) -> dict:
         run["keep"] = None
     if run["teacher"] is not None and run["temperature"] is None:
         run["temperature"] = DEFAULT_TEMPERATURE  # what the trainer would use: one run, one folder
-    views = run.pop("views", None) or 1  # a key only where a cache of stored views is read: older folders stay
-    if run["teacher"] is not None and not run["online"] and views > 1:
-        run["views"] = views
+    for key, none in CACHE_FORMS.items():  # a key only where such a cache is read: older folders keep names
+        value = run.pop(key, None)
+        if run["teacher"] is not None and not run["online"] and value not in (None, none):
+            run[key] = value
     for key, kind in STUDENT_KEYS.items():  # 4 and 4.0 are one value: one folder
         if kind is float and run.get(key) is not None:
             run[key] = float(run[key])
@@ -333,7 +337,7 @@ class Plan:
     protocol: Protocol
     data: Stage
     teachers: dict[str, Stage]
-    dumps: dict[str, Stage]     # by teacher name; "<teacher>@views<K>" for caches of K stored views
+    dumps: dict[str, Stage]     # by teacher name; "<teacher>@<form>" for the other forms (cache_form)
     students: list[Stage]       # in protocol order (the order they run in), no duplicates
 
 
@@ -376,9 +380,12 @@ def plan(proto: Protocol) -> Plan:
     students: dict[str, Stage] = {}
     selections: dict[str, Stage] = {}
     for run in student_runs(proto):
-        if run.get("views", 1) > 1 and (key := f"{run['teacher']}@views{run['views']}") not in dumps:
-            dumps[key] = _stage("dump", f"cache-{run['teacher']}-views{run['views']}",
-                                {**dump_cfg, **view_cfg, "views": run["views"]}, [teachers[run["teacher"]]], ".zarr")
+        form = cache_form(run)
+        if form and (key := f"{run['teacher']}@{form}") not in dumps:
+            cfg = {**dump_cfg, **(view_cfg if "views" in run else {}), **{k: run[k] for k in CACHE_FORMS if k in run}}
+            if "topk" in run or "sample" in run:
+                cfg["temperature"] = run["temperature"]  # such targets are exact at one temperature: the student's
+            dumps[key] = _stage("dump", f"cache-{run['teacher']}-{form}", cfg, [teachers[run["teacher"]]], ".zarr")
         sel = _selection(run, data, teachers, dumps)
         sel = selections.setdefault(sel.name, sel)
         st = _student(run, data, sel, teachers, dumps)
@@ -397,14 +404,21 @@ def _selection(run: dict, data: Stage, teachers: dict, dumps: dict) -> Stage:
 
 def _student(run: dict, data: Stage, sel: Stage, teachers: dict, dumps: dict) -> Stage:
     deps = [data, sel]
-    views = run.get("views", 1)
+    form = cache_form(run)
     if run["teacher"] is not None:
         deps.append(teachers[run["teacher"]] if run["online"] else
-                    dumps[f"{run['teacher']}@views{views}" if views > 1 else run["teacher"]])
+                    dumps[f"{run['teacher']}@{form}" if form else run["teacher"]])
     who = "noKD" if run["teacher"] is None else run["teacher"] + ("-online" if run["online"] else "")
-    who += f"-views{views}" if views > 1 else ""
+    who += f"-{form}" if form else ""
     prefix = f"students/{run['method']}-f{run['fraction']:g}-a{run['alpha']:g}-{who}-s{run['seed']}"
     return _stage("student", prefix, run, deps)
+
+
+def cache_form(run: dict) -> str:
+    """The form of the cache a student reads, in a few characters ("" for the [dump] table's own):
+    e.g. views4, top2, sample3, views4-top2."""
+    names = {"views": "views", "topk": "top", "sample": "sample"}
+    return "-".join(f"{names[k]}{run[k]}" for k in CACHE_FORMS if k in run)
 
 
 def prerequisites(students: list[Stage]) -> list[Stage]:

@@ -159,7 +159,7 @@ def direct_cells(out: Path) -> dict[str, dict]:
 
 def test_report_numbers_equal_a_direct_computation(swept, tmp_path):
     result = run_cli("report", swept.out, "--out", tmp_path)
-    assert result.output.count("claim ") == 7
+    assert result.output.count("claim ") == 8
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     cells = list(csv.DictReader((tmp_path / "cells.csv").open()))
     assert len(rows) == 42 and all(r["finished"] == "True" for r in rows)
@@ -175,7 +175,7 @@ def test_report_numbers_equal_a_direct_computation(swept, tmp_path):
         assert f"{100 * np.mean(acc):.2f} ± {100 * np.std(acc, ddof=1):.2f}" in md
 
     verdicts = json.loads((tmp_path / "verdicts.json").read_text())
-    assert [c["id"] for c in verdicts["claims"]] == [1, 2, 3, 4, 5, 6, 7]
+    assert [c["id"] for c in verdicts["claims"]] == [1, 2, 3, 4, 5, 6, 7, 8]
     by_id = {c["id"]: c for c in verdicts["claims"]}
     assert len(by_id[1]["comparisons"]) == 9 and len(by_id[2]["comparisons"]) == 6  # 8 method cells + small
     assert len(by_id[3]["comparisons"]) == 4 and len(by_id[4]["comparisons"]) == 1
@@ -349,6 +349,40 @@ def test_students_with_views_read_their_own_cache(tmp_path):
     assert dump.config["view_seed"] == 0 and dump.deps == [new.teachers["large"]]
     assert "views" not in new.dumps["large"].config and new.dumps["large"].name == old.dumps["large"].name
     assert not any("views" in s.config for s in new.students if s.config["online"])
+
+
+def test_sparse_targets_claim_and_caches(tmp_path):
+    """Students with topk / sample read caches of that form, dumped at their temperature; claim 8 sets
+    each against full logits."""
+    from kdcache.report import Context, evaluate_claims, make_cells
+    from kdcache.sweep import normalise
+
+    text = PROTOCOL.read_text()
+    table = "[[students]]\nfraction = 0.25\nalpha = 0.5\n"
+    assert table in text
+    changed = tmp_path / "sparse.toml"
+    changed.write_text(text.replace(table, table + "\n" + table + "topk = [1, 2]\ntemperature = 2.0\n\n"
+                                    + table + "sample = 3\n"))
+    p = plan(load_protocol(changed))
+    top2, sampled = p.dumps["large@top2"], p.dumps["large@sample3"]
+    assert top2.name.startswith("cache-large-top2-") and top2.config["topk"] == 2
+    assert top2.config["temperature"] == 2.0  # the student's: such targets are exact at one temperature
+    assert sampled.config["sample"] == 3 and sampled.config["temperature"] == 4.0 and "views" not in top2.config
+    assert set(p.dumps) == {"small", "large", "large@top1", "large@top2", "large@sample3"}
+    assert sum(s.deps[-1] is top2 for s in p.students) == 2  # two seeds
+
+    base = {"method": "random", "teacher": "t", "temperature": 4.0, "scores": "t", "keep": "hard", "online": False,
+            "class_balanced": False, "ccs_beta": 0.1, "ccs_strata": 50, "ccs_score": "el2n", "arch": "resnet8",
+            "epochs": 2, "steps": None, "augment": True, "fraction": 0.1, "alpha": 0.9}
+    accs = {(0, 0, 20): [0.50, 0.51], (1, 0, 3): [0.40, 0.41], (0, 3, 6): [0.503, 0.507]}
+    runs = [{"folder": f"r{k}-{x}-{s}", "config": normalise({**base, "topk": k, "sample": x, "seed": s}),
+             "summary": {"test_acc": acc, "best_test_acc": acc, "cache_bytes_per_sample": b}}
+            for (k, x, b), values in accs.items() for s, acc in enumerate(values)]
+    claims = {c["id"]: c for c in evaluate_claims(make_cells(runs), Context(2.0, None, 0.5, {}))}
+    comps = claims[8]["comparisons"]
+    assert [c["label"].split(": ", 1)[1] for c in comps] == ["top-1 (3 bytes per sample) vs full logits",
+                                                             "3 sampled draws (6 bytes per sample) vs full logits"]
+    assert [c["verdict"] for c in comps] == [FAILS, NOISE] and claims[8]["verdict"] == FAILS
 
 
 def test_matches_or_beats_needs_seeds_on_both_sides():
