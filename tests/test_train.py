@@ -420,7 +420,7 @@ def test_short_kd_run_evaluates_with_statistics_of_its_own_weights(synth, cache,
     test = Batches(dataset_info(synth / "test.beton"), batch_size=200, train=False, num_workers=1)
     model.train()  # batch statistics: what the weights do without any running average
     with torch.no_grad():
-        correct = sum((model(x).argmax(1) == y).sum().item() for x, y, _ in test)
+        correct = sum((model(x).argmax(1) == y).sum().item() for x, y, _, _ in test)
     batch_stats_acc = correct / 200
     assert summary["test_acc"] > 0.4, summary["test_acc"]  # chance: 0.25
     assert abs(summary["test_acc"] - batch_stats_acc) < 0.1, (summary["test_acc"], batch_stats_acc)
