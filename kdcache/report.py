@@ -305,9 +305,11 @@ def claim_random_wins(cells: list[Cell], ctx: Context) -> tuple[list[dict], Call
 
 def alpha_grids(cells: list[Cell]) -> list[tuple[str, dict[float, dict[float, Cell]]]]:
     """Per method and KD teacher (and temperature): {fraction: {alpha: cell}} at fractions with 2+ alphas.
-    A grid with two cells at one (fraction, alpha), e.g. two schedules, is ambiguous and left out."""
+    Schedules may differ by fraction (epochs, steps, how often to evaluate). A grid with two cells at one
+    (fraction, alpha), e.g. two schedules, is ambiguous and left out."""
     out = []
-    for group in groups(cached(cells), {"fraction", "alpha", "teacher", "temperature", "epochs", "steps"}):
+    for group in groups(cached(cells), {"fraction", "alpha", "teacher", "temperature", "epochs", "steps",
+                                        "eval_every"}):
         for teacher, temp in sorted({(c["teacher"], c["temperature"]) for c in group if c["alpha"] > 0}):
             members = [c for c in group if c["alpha"] == 0 or (c["teacher"], c["temperature"]) == (teacher, temp)]
             if len(members) != len({(c["fraction"], c["alpha"]) for c in members}):

@@ -303,6 +303,11 @@ def test_claims_on_hand_made_runs():
     assert [c["label"] for c in claims[1]["comparisons"]] == ["random 0.1: KD from t (alpha 0.9) vs no KD",
                                                               "random 0.5: KD from t (alpha 0.5) vs no KD"]
     assert claims[3]["comparisons"][0]["best_alpha"] == {"0.1": 0.9, "0.5": 0.5}
+    # evaluating more or less often at some fractions does not split the alpha grid
+    for r in runs:
+        r["config"]["eval_every"] = 10 if r["config"]["fraction"] == 0.1 else 5
+    regrid = {c["id"]: c for c in evaluate_claims(make_cells(runs), Context(2.0, None, 0.5, {}))}
+    assert regrid[3]["comparisons"][0]["best_alpha"] == {"0.1": 0.9, "0.5": 0.5}
     designated = {c["id"]: c for c in evaluate_claims(cells, Context(2.0, 0.9, 0.5, {}))}
     assert "alpha 0.9" in designated[1]["comparisons"][1]["label"]
     assert designated[5]["comparisons"][0]["diff"] == pytest.approx(0.655 - 0.71)
