@@ -27,13 +27,21 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.T
     return (1 - alpha) * ce + alpha * t * t * kl, ce, kl
 
 
-def auto_alpha(fraction: float) -> float:
-    """Alpha for a kept fraction f: 0.5 at f = 1 rising linearly in log10(1/f) to 0.9 at f <= 0.1.
+ALPHA_FLAT_UNTIL = 0.05  # kept fractions down to this one take alpha 0.5 ...
+ALPHA_MAX_AT = 0.01      # ... rising linearly in log10(1/f) to 0.9 at this one and below
 
-    Smaller subsets lean more on the teacher, the trend Ben-Baruch et al. (ICML 2025) report (best alpha
-    near 1 at f = 0.1 and near 0.5 on the full data); 0.9 rather than 1 keeps some ground truth signal
-    against a teacher's confident mistakes. See README.md for the calibration status.
+
+def auto_alpha(fraction: float) -> float:
+    """Alpha for a kept fraction f: 0.5 from f = 1 down to f = 0.05, rising linearly in log10(1/f) to
+    0.9 at f <= 0.01 (0.73 at f = 0.02).
+
+    Calibrated on CIFAR-10 (`make paper`, resnet8 students, resnet20 teacher, two seeds): alpha 0.5 was
+    the best or within noise of the best at 2%, 5% and 10% kept, and 0.9 beat it only at 2%, within
+    noise; 0.9 at 10% cost 1.2 points. Ben-Baruch et al. (ICML 2025) report the same direction (the
+    smaller the subset, the more weight on the teacher); 0.9 rather than 1 keeps some ground truth
+    against a teacher's confident mistakes. See README.md for the evidence.
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    return round(0.5 + 0.4 * min(1.0, math.log10(1 / fraction)), 4)
+    rise = math.log10(ALPHA_FLAT_UNTIL / fraction) / math.log10(ALPHA_FLAT_UNTIL / ALPHA_MAX_AT)
+    return round(0.5 + 0.4 * min(1.0, max(0.0, rise)), 4)
