@@ -76,6 +76,7 @@ def load_teacher(name: str, checkpoint: str | None, pretrained: bool, info: Data
 IDENTITY = (store.TRAIN_FINGERPRINT, "teacher", "checkpoint_sha256")
 LAYOUT = ("num_samples", "num_classes", "chunk_rows", "topk", "temperature", "sample", "sample_seed", "views",
           "view_seed", "view_recipe")
+ADDED_LATER = {"views": 1}  # layout attributes of stores made before they existed: what such a store holds
 NAMES = {store.TRAIN_FINGERPRINT: "train fingerprint", "checkpoint_sha256": "checkpoint SHA-256",
          "views": "number of views"}
 
@@ -93,9 +94,10 @@ def prepare_store(url: str, attrs: dict, overwrite: bool) -> None:
         if have.get(store.KIND) != store.LOGITS_KIND:
             raise UserError(f"{url} is not a teacher-logit cache; pass --overwrite to replace it")
         for key in IDENTITY + LAYOUT:
-            if have.get(key) != attrs[key]:
+            value = have.get(key, ADDED_LATER.get(key))
+            if value != attrs[key]:
                 what = NAMES.get(key, key.replace("_", " "))
-                raise UserError(f"store {url} has another {what} ({_say(have.get(key))}, this dump: "
+                raise UserError(f"store {url} has another {what} ({_say(value)}, this dump: "
                                 f"{_say(attrs[key])}); pass --overwrite to start over")
         group = store.open_store(url, "r+")
         if store.CHUNKS_DONE in group:  # created in full earlier: resume

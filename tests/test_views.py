@@ -188,3 +188,16 @@ def test_view_mistakes_are_one_line_errors(synth, teacher, multi, tmp_path):
                 "--fraction", 0.5, "--epochs", 1, "--arch", "resnet8", "--workers", 1, "--out", tmp_path / "x",
                 expect=2)
     assert "was made from another dataset" in r.output and not (tmp_path / "x").exists()
+
+
+def test_a_store_made_before_views_existed_resumes(synth, teacher, tmp_path):
+    out = tmp_path / "old.zarr"
+    run_cli(*dump_args(synth, teacher, out))
+    g = open_store(str(out), "r+")
+    attrs = {k: v for k, v in g.attrs.asdict().items() if k not in ("views", "view_seed", "view_recipe")}
+    g.attrs.put(attrs)  # as an earlier kdcache wrote it
+    assert "views" not in open_store(str(out)).attrs
+    run_cli(*dump_args(synth, teacher, out))  # the same dump again: nothing to do, no refusal
+    assert LogitCache(str(out)).views == 1
+    r = run_cli(*dump_args(synth, teacher, out, "--views", 2), expect=2)
+    assert "has another number of views (1, this dump: 2)" in r.output
