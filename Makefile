@@ -7,7 +7,7 @@ APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo paper smoke lint bench bench-loader bench-dump bench-train bench-study bench-gpu clean
+.PHONY: install test demo paper views targets smoke lint bench bench-loader bench-dump bench-train bench-study bench-gpu clean
 
 install: $(STAMP)
 
@@ -28,12 +28,19 @@ test: install
 demo: install
 	$(KDCACHE) demo --out runs/demo $(DEMO_ARGS)
 
-# The paper's claims on CIFAR-10, about two hours on 2 CPU cores; rerun to resume. Then the report
-# (tables, CSVs, plots, verdicts) and the protocol itself go to results/paper-cpu/, which is committed.
-paper: install
-	$(KDCACHE) sweep protocols/paper-cpu.toml --out runs/paper-cpu
-	$(KDCACHE) report runs/paper-cpu --out results/paper-cpu
-	cp protocols/paper-cpu.toml results/paper-cpu/protocol.toml
+# A study: every unfinished stage of protocols/<name>.toml (rerun to resume), then its report (tables,
+# CSVs, plots, verdicts) and the protocol itself in results/<name>/, which is committed.
+study-%: install
+	$(KDCACHE) sweep protocols/$*.toml --out runs/$*
+	$(KDCACHE) report runs/$* --out results/$*
+	cp protocols/$*.toml results/$*/protocol.toml
+
+# The paper's claims on CIFAR-10, about two hours on 2 CPU cores.
+paper: study-paper-cpu
+# Stored views against the clean view and the online teacher (about 85 min); sparse targets against
+# full logits at equal bytes (about 50 min).
+views: study-views-cpu
+targets: study-targets-cpu
 
 # The whole study chain on tiny synthetic data (about a minute).
 smoke: install
