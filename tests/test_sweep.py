@@ -297,16 +297,22 @@ def test_claims_on_hand_made_runs():
             for (f, a), values in accs.items() for s, acc in enumerate(values)]
     cells = make_cells(runs)
     assert len(cells) == 7 and [c.acc.n for c in cells] == [2] * 7
+
+    def claims_of(rs):
+        return {c["id"]: c for c in evaluate_claims(make_cells(rs), Context(2.0, None, 0.5, {}))}
     claims = {c["id"]: c for c in evaluate_claims(cells, Context(2.0, None, 0.5, {}))}
     # claim 5 reads "matches or beats": 70.5% vs 71.0% is within noise, with seeds on both sides: it holds
     assert [claims[i]["verdict"] for i in range(1, 7)] == [HOLDS, UNMEASURED, HOLDS, UNMEASURED, HOLDS, UNMEASURED]
     assert [c["label"] for c in claims[1]["comparisons"]] == ["random 0.1: KD from t (alpha 0.9) vs no KD",
                                                               "random 0.5: KD from t (alpha 0.5) vs no KD"]
     assert claims[3]["comparisons"][0]["best_alpha"] == {"0.1": 0.9, "0.5": 0.5}
+    # a with / without KD pair is no alpha grid: it has no best alpha among several
+    pairs = [r for r in runs if r["config"]["alpha"] in (0, 0.9)]
+    assert claims_of(pairs)[3]["verdict"] == UNMEASURED
     # evaluating more or less often at some fractions does not split the alpha grid
     for r in runs:
         r["config"]["eval_every"] = 10 if r["config"]["fraction"] == 0.1 else 5
-    regrid = {c["id"]: c for c in evaluate_claims(make_cells(runs), Context(2.0, None, 0.5, {}))}
+    regrid = claims_of(runs)
     assert regrid[3]["comparisons"][0]["best_alpha"] == {"0.1": 0.9, "0.5": 0.5}
     designated = {c["id"]: c for c in evaluate_claims(cells, Context(2.0, 0.9, 0.5, {}))}
     assert "alpha 0.9" in designated[1]["comparisons"][1]["label"]
