@@ -481,13 +481,20 @@ def _plot_accuracy(ax, cells: list[Cell]) -> bool:
         if c["fraction"] not in points or c.acc.mean > points[c["fraction"]].acc.mean:
             points[c["fraction"]] = c
     methods = sorted({m for m, _ in lines})
+    teachers = sorted({t for _, t in lines if t is not None})
     for (method, teacher), points in sorted(lines.items(), key=str):
         fs = sorted(points)
+        # colour: the method; line: no KD dashed, each teacher its own marker and line style
+        style = ("--", "s") if teacher is None else (("-", ":", "-.")[teachers.index(teacher) % 3],
+                                                   "o^vD"[teachers.index(teacher) % 4])
         ax.errorbar(fs, [100 * points[f].acc.mean for f in fs], yerr=[100 * (points[f].acc.std or 0) for f in fs],
-                    color=f"C{methods.index(method) % 10}", ls="--" if teacher is None else "-", marker="o",
+                    color=f"C{methods.index(method) % 10}", ls=style[0], marker=style[1],
                     capsize=3, label=f"{method}, " + ("no KD" if teacher is None else f"KD from {teacher}"))
-    ax.set(xlabel="kept fraction", ylabel="test accuracy (%)",
+    ax.set(xlabel="kept fraction", ylabel="test accuracy (%)", xscale="log",
            title="test accuracy against kept fraction (best cell per point, mean ± std)")
+    fractions = sorted({f for points in lines.values() for f in points})
+    ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
+    ax.minorticks_off()
     return bool(lines)
 
 
