@@ -304,10 +304,11 @@ def claim_random_wins(cells: list[Cell], ctx: Context) -> tuple[list[dict], Call
 
 
 def alpha_grids(cells: list[Cell]) -> list[tuple[str, dict[float, dict[float, Cell]]]]:
-    """Per method and KD teacher (and temperature): {fraction: {alpha: cell}} at fractions with 2+ alphas
-    above 0 (with one, as in a with / without KD pair, there is no best alpha to find). Schedules may
-    differ by fraction (epochs, steps, how often to evaluate). A grid with two cells at one (fraction,
-    alpha), e.g. two schedules, is ambiguous and left out."""
+    """Per method and KD teacher (and temperature): {fraction: {alpha: cell}} at fractions with 2+ alphas,
+    where at least one fraction has 2+ alphas above 0 (with / without KD pairs alone are no grid: there
+    is no best alpha among several to find). Schedules may differ by fraction (epochs, steps, how often
+    to evaluate). A grid with two cells at one (fraction, alpha), e.g. two schedules, is ambiguous and
+    left out."""
     out = []
     for group in groups(cached(cells), {"fraction", "alpha", "teacher", "temperature", "epochs", "steps",
                                         "eval_every"}):
@@ -318,8 +319,8 @@ def alpha_grids(cells: list[Cell]) -> list[tuple[str, dict[float, dict[float, Ce
             grid: dict[float, dict[float, Cell]] = {}
             for c in members:
                 grid.setdefault(c["fraction"], {})[c["alpha"]] = c
-            grid = {f: row for f, row in grid.items() if sum(a > 0 for a in row) >= 2}
-            if len(grid) >= 2:
+            grid = {f: row for f, row in grid.items() if len(row) >= 2}
+            if len(grid) >= 2 and any(sum(a > 0 for a in row) >= 2 for row in grid.values()):
                 out.append((f"{group[0]['method']}, KD from {teacher} (T {temp:g})", grid))
     return out
 
