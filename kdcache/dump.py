@@ -191,7 +191,7 @@ def _batch_outputs(model, hook: dict, x: torch.Tensor, y: torch.Tensor, targets:
     out["finite"] = torch.isfinite(logits).flatten(1).all(1)
     topk, temperature = targets["topk"], targets["temperature"]
     if targets["sample"]:
-        out[PROBS] = F.softmax(logits / temperature, dim=1)  # drawn from on the host, per sample index
+        out[PROBS] = F.softmax(logits / temperature, dim=-1)  # drawn from on the host, per sample index
     elif topk is None:
         out[store.LOGITS] = logits.half()
     else:
@@ -298,8 +298,6 @@ def _check_options(info: DatasetInfo, batch_size: int, chunk_rows: int, topk: in
         raise UserError("give either --topk or --sample, not both")
     if views < 1:
         raise UserError(f"--views must be at least 1, got {views}")
-    if views > 1 and sample:
-        raise UserError("--views does not combine with --sample yet: use full logits or --topk")
     if views > 1 and not info.small:
         raise UserError(f"--views needs small images (the pad-4 crop + flip recipe); {info.path} is an image "
                         "folder, whose random-resized crops cannot be stored and replayed yet")

@@ -16,23 +16,30 @@ from .rng import uniforms
 
 
 def sample_targets(probs: np.ndarray, index: np.ndarray, draws: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Draw `draws` classes per row of `probs` (B, C), with replacement; return (classes, counts), each
-    (B, min(draws, C)): the drawn classes, most drawn first, and how often each was drawn (0 pads)."""
+    """Draw `draws` classes per row of `probs` (B, C), or per sample and stored view of (B, V, C), with
+    replacement; return (classes, counts), each (B, [V,] min(draws, C)): the drawn classes, most drawn
+    first, and how often each was drawn (0 pads). View v of a sample takes that sample's draws
+    v * draws ... (v + 1) * draws - 1, so a one-view store draws what a clean-view store does."""
     probs = np.asarray(probs, dtype=np.float64)
-    b, c = probs.shape
+    shape = probs.shape[:-1]
+    c = probs.shape[-1]
+    probs = probs.reshape(-1, c)
+    b = len(probs)
     cdf = np.cumsum(probs, axis=1)
     cdf /= cdf[:, -1:]  # rounding: the last class closes the interval at exactly 1
-    u = uniforms(seed, index, draws)
+    views = b // len(index)
+    u = uniforms(seed, index, views * draws).reshape(b, draws)
     drawn = np.minimum((u[:, :, None] >= cdf[:, None, :]).sum(-1), c - 1)  # inverse CDF
     counts = np.zeros((b, c), dtype=np.int64)
     np.add.at(counts, (np.repeat(np.arange(b), draws), drawn.ravel()), 1)
     k = min(draws, c)
     classes = np.argsort(-counts, axis=1, kind="stable")[:, :k]
-    return classes, np.take_along_axis(counts, classes, axis=1)
+    counts = np.take_along_axis(counts, classes, axis=1)
+    return classes.reshape(*shape, k), counts.reshape(*shape, k)
 
 
 def target(classes: np.ndarray, counts: np.ndarray, num_classes: int) -> np.ndarray:
-    """The sparse target q = counts / draws as (B, C) float64, zero off the drawn classes."""
-    q = np.zeros((len(classes), num_classes))
-    np.put_along_axis(q, classes.astype(np.int64), counts / counts.sum(1, keepdims=True), axis=1)
+    """The sparse target q = counts / draws as (..., C) float64, zero off the drawn classes."""
+    q = np.zeros((*classes.shape[:-1], num_classes))
+    np.put_along_axis(q, classes.astype(np.int64), counts / counts.sum(-1, keepdims=True), axis=-1)
     return q

@@ -26,7 +26,7 @@ TOPK_VALUES = "topk_values"              # (N, K) float16 top-k log-probabilitie
 TOPK_INDICES = "topk_indices"            # (N, K) ... and their classes, smallest unsigned type
 VIEW_PARAMS = "view_params"              # (N, V, 3) int8: each stored view's (dy, dx, flip), kdcache.augment
 SAMPLE_CLASSES = "sample_classes"        # (N, min(S, C)) classes drawn from the tempered teacher ...
-SAMPLE_COUNTS = "sample_counts"          # (N, min(S, C)) ... and how often each was drawn (of S)
+SAMPLE_COUNTS = "sample_counts"          # ... and how often each was drawn (of S); (N, V, min(S, C)) with views
 LABELS = "labels"                        # (N,) int64
 CHUNKS_DONE = "chunks_done"              # (chunks,) uint8: 1 once that chunk's rows are all written
 CHUNK_CORRECT = "chunk_correct"          # (chunks,) int64: the teacher's correct predictions per chunk
@@ -162,7 +162,7 @@ def num_chunks(num_samples: int, chunk_rows: int) -> int:
 def create_logit_arrays(group: zarr.Group, *, num_samples: int, num_classes: int, chunk_rows: int,
                         topk: int | None, sample: int | None, scores: dict[str, tuple[bool, str]],
                         views: int = 1) -> None:
-    """The arrays of a logit cache, empty: teacher outputs (full or top-k; per stored view when `views`
+    """The arrays of a logit cache, empty: teacher outputs (full, top-k or sampled; per stored view when `views`
     > 1, with the views' parameters), labels, `scores` (name -> (higher_is_harder, description)) and the
     per-chunk bookkeeping, created last: its presence means every other array exists."""
     n, c = num_samples, num_classes
@@ -172,9 +172,10 @@ def create_logit_arrays(group: zarr.Group, *, num_samples: int, num_classes: int
         group.create_array(VIEW_PARAMS, shape=(n, views, 3), dtype="int8", chunks=(rows, views, 3), overwrite=True)
     if sample:
         k = min(sample, c)
-        group.create_array(SAMPLE_CLASSES, shape=(n, k), dtype=index_dtype(c), chunks=(rows, k), overwrite=True)
-        group.create_array(SAMPLE_COUNTS, shape=(n, k), dtype=index_dtype(sample + 1), chunks=(rows, k),
-                           overwrite=True)
+        group.create_array(SAMPLE_CLASSES, shape=(n, *per_view, k), dtype=index_dtype(c),
+                           chunks=(rows, *per_view, k), overwrite=True)
+        group.create_array(SAMPLE_COUNTS, shape=(n, *per_view, k), dtype=index_dtype(sample + 1),
+                           chunks=(rows, *per_view, k), overwrite=True)
     elif topk is None:
         group.create_array(LOGITS, shape=(n, *per_view, c), dtype="float16", chunks=(rows, *per_view, c),
                            overwrite=True)
