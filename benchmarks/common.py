@@ -34,14 +34,14 @@ def default_data(kind: str | None, synthetic_size: int) -> Path:
 
 def machine(dev: torch.device) -> str:
     if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
+        return f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}"
     model = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} cores"
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def beton_arrays(beton: Path) -> tuple[np.ndarray, np.ndarray]:
