@@ -24,8 +24,8 @@ def rows_of(r: dict) -> list[tuple[str, float, float | None, str]]:
             target = r["target_speedup_resnet50"] if teacher == "resnet50" else None
             even = t["break_even_students"]
             rows.append((f"study of {r['students']} students: cache / online ({teacher})", t["speedup"], target,
-                         f"{t['cached_study_seconds']:,.0f} s vs {t['online_seconds_scaled']:,.0f} s; break-even at "
-                         f"{even:.1f} students" if even else "never breaks even"))
+                         f"{t['cached_study_seconds']:,.0f} s vs {t['online_seconds_scaled']:,.0f} s; "
+                         + (f"break-even at {even:.1f} students" if even else "never breaks even")))
     elif r["benchmark"] == "dump":
         rows.append(("dump / bare teacher inference", r["ratio"], 0.95,
                      f"{r['dump_samples_per_s']:,.0f} vs {r['bare_samples_per_s']:,.0f} samples/s, {r['teacher']}"))
