@@ -78,7 +78,7 @@ def main() -> None:
     model = model.to(dev, memory_format=torch.channels_last).eval()
 
     print(f"{args.teacher} on {info.size} samples of {beton} ({info.image_size} px), batch {args.batch_size}, "
-          f"{machine(dev)}, torch {torch.__version__}")
+          f"{machine(dev)}")
     bare_inference(model, info, dev, args.batch_size, args.workers)  # warm-up: FFCV compiles its pipeline
     bare, dumped = [], []
     for _ in range(args.repeats):  # interleaved, so that drifting machine load hits both alike

@@ -117,7 +117,7 @@ def main() -> None:
         "vs_online_big": share(args.big_teacher, "online_kd_big"),
         "vs_online_small": share(small, "online_kd_small"),
     }
-    print(f"\n{args.student}, {n} samples, batch {args.batch_size}, {machine(dev)}, torch {torch.__version__}")
+    print(f"\n{args.student}, {n} samples, batch {args.batch_size}, {machine(dev)}")
     for mode, ips in speed.items():
         print(f"  {mode:16s} {ips:9.1f} img/s")
     print(f"  cached KD / CE only      {result['cached_over_ce']:.3f}  (target >= 0.97)")
