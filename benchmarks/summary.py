@@ -47,7 +47,7 @@ def main() -> None:
         r = json.loads(path.read_text())
         for name, value, target, detail in rows_of(r):
             met = "" if target is None else "yes" if value >= target else "no"
-            lines.append(f"| {name} | {value:.2f} | {'' if target is None else f'>= {target:g}'} | {met} | "
+            lines.append(f"| {name} | {value:.2f} | {'' if target is None else f'>= {target:.3g}'} | {met} | "
                          f"{detail} | {r['machine']} |")
     if len(lines) == 2:
         raise SystemExit("no results yet: run make bench-loader / bench-dump / bench-train / bench-study")
