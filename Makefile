@@ -37,8 +37,8 @@ study-%: install
 
 # The paper's claims on CIFAR-10, about two hours on 2 CPU cores.
 paper: study-paper-cpu
-# Stored views against the clean view and the online teacher (about 85 min); sparse targets against
-# full logits at equal bytes (about 50 min).
+# Stored views against the clean view and the online teacher (about 95 min); sparse targets against
+# full logits at equal bytes (about 75 min, or 36 beside views-cpu's stages).
 views: study-views-cpu
 targets: study-targets-cpu
 
