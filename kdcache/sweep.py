@@ -114,7 +114,7 @@ DUMP_KEYS = {"batch_size": int, "chunk_rows": int, "topk": int, "temperature": f
              "sample_seed": int, "view_seed": int}
 VIEW_DUMP_KEYS = ("views", "view_seed")  # in a dump stage's config only when it stores views
 CACHE_FORMS = {"views": 1, "topk": 0, "sample": 0}  # student keys choosing a cache's form, and their "none"
-REPORT_KEYS = {"kd_alpha": float, "headline_fraction": float}
+REPORT_KEYS = {"kd_alpha": float, "headline_fraction": float, "margin": float}
 TOP_KEYS = {"name", "description", "data", "teachers", "dump", "defaults", "students", "report"}
 SYNTHETIC_KEYS = ("num_train", "num_test", "num_classes", "image_size", "seed")
 
@@ -164,7 +164,12 @@ def load_protocol(name: str | Path) -> Protocol:
     for name, table in raw["teachers"].items():
         if not isinstance(table, dict) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
             raise UserError(f"{path}: teachers.{name} must be a table named with letters, digits, - and _ only")
-    _check_table(raw.get("report", {}), REPORT_KEYS, f"{path}: [report]")
+    report = dict(raw.get("report", {}))
+    if isinstance(report.get("kd_alpha"), dict):  # one pre-set alpha per fraction
+        for key, value in report.pop("kd_alpha").items():
+            _float(key, f"{path}: [report] kd_alpha")
+            _check_value(f"kd_alpha[{key}]", value, float, f"{path}: [report]")
+    _check_table(report, REPORT_KEYS, f"{path}: [report]")
     return Protocol(path, text, hashlib.sha256(text.encode()).hexdigest(), raw)
 
 
