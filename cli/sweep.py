@@ -25,15 +25,16 @@ def sweep(protocol, out, shard, dry_run, workers, device):
 @click.command()
 @click.argument("sweep_dir")
 @click.option("--out", default=None, help="Report folder [default: SWEEP_DIR/report].")
-@click.option("--noise-k", default=2.0, **SHOW,
-              help="A difference counts beyond noise when larger than this many combined standard errors.")
-def report(sweep_dir, out, noise_k):
-    """Turn the run folders of SWEEP_DIR (written by kdcache sweep) into report.md, results.csv,
-    cells.csv, verdicts.json and plots."""
+@click.option("--margin", type=float, default=None,
+              help="Non-inferiority margin of 'matches or beats' claims, in accuracy points [default: the "
+                   "protocol's [report] margin, else 1].")
+def report(sweep_dir, out, margin):
+    """Turn the run folders of SWEEP_DIR (written by kdcache sweep), or a report folder holding results.csv and
+    protocol.toml, into report.md, CSVs, verdicts.json and plots."""
     from kdcache.report import write_report
 
-    result = write_report(sweep_dir, out=out, noise_k=noise_k)
+    result = write_report(sweep_dir, out=out, margin=margin)
     for claim in result["claims"]:
-        click.echo(f"claim {claim['id']}: {claim['verdict']:<13} {claim['claim']}")
+        click.echo(f"claim {claim['id']}: {claim['verdict']:<22} {claim['claim']}")
     click.echo(f"{result['runs_finished']} of {result['runs_total']} runs finished -> "
                f"{out or sweep_dir.rstrip('/') + '/report'}/report.md")
