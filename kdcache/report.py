@@ -161,7 +161,8 @@ def plot_all(out: Path, cells: list[Cell], claims: list[dict]) -> list[str]:
     for name, draw in (("accuracy_vs_fraction.png", lambda ax: _plot_accuracy(ax, cells)),
                        ("intervals.png", lambda ax: _plot_intervals(ax, claims)),
                        ("cached_vs_online.png", lambda ax: _plot_cached_online(ax, online))):
-        fig, ax = plt.subplots(figsize=(8, 4.6), dpi=110)
+        rows = sum(len(c["comparisons"]) for c in claims) if name == "intervals.png" else 0
+        fig, ax = plt.subplots(figsize=(10, 4.6) if not rows else (10, 1.5 + 0.22 * rows), dpi=110)
         if draw(ax):
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
@@ -200,16 +201,16 @@ def _plot_accuracy(ax, cells: list[Cell]) -> bool:
 
 def _plot_intervals(ax, claims: list[dict]) -> bool:
     """Every comparison of every claim as its 95% interval, the non-inferiority margin marked."""
-    rows = [(f"{c['id']}: {x['label']}"[:90], x) for c in claims for x in c["comparisons"]
+    rows = [(f"{c['id']}: {x['label']}"[:80], x) for c in claims for x in c["comparisons"]
             if x.get("ci95") and None not in x["ci95"]]
     for i, (_, x) in enumerate(rows):
         colour = {"holds": "C2", "does not hold": "C3"}.get(x["verdict"], "C7")
         ax.plot([100 * v for v in x["ci95"]], [i, i], color=colour, lw=2)
         ax.plot([100 * x["diff"]], [i], "o", color=colour, ms=4)
     ax.axvline(0, color="k", lw=0.8)
-    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=5)
-    ax.set(xlabel="A − B, accuracy points (95% interval; green holds, red does not, grey undecided)",
-           title="every claim's comparisons")
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=6)
+    ax.set(xlabel="A − B, accuracy points (95% interval)",
+           title="each claim's comparisons (green holds, red does not hold, grey undecided)")
     return bool(rows)
 
 
@@ -270,7 +271,7 @@ def markdown(record: dict, runs: list[dict], cells: list[Cell], ctx: Context, cl
              "", "## Noise and what this study can decide", ""] + noise_lines(ctx, cells)
     lines += ["", "## Teachers", "", "| teacher | arch | parameters | epochs | steps | test acc |", "|---|---|---|---|---|---|"]
     lines += [f"| {n} | {t['arch']} | {t['parameters']:,} | {t['epochs']} | {t['steps']} | {_pts(t['test_acc'])} |"
-              for n, t in teachers_.items()]
+              for n, t in teachers_.items()] or ["", "(No teacher folders: a report regenerated from results.csv.)"]
     lines += ["", "## Claims", "", "| # | claim | test | verdict | comparisons |", "|---|---|---|---|---|"]
     lines += [f"| {c['id']} | {c['claim']} | {c['test']} | **{c['verdict']}**{_judged_on(c)} | "
               f"{len(c['comparisons'])} |" for c in claims]
