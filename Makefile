@@ -35,14 +35,13 @@ study-%: install
 	$(KDCACHE) report runs/$* --out results/$*
 	cp protocols/$*.toml results/$*/protocol.toml
 
-# The paper's claims on CIFAR-10, about two hours on 2 CPU cores.
+# The CIFAR-10 studies (what each measures and how long it runs: docs/studies.md): the paper's claims;
+# stored views against the clean view and the online teacher; sparse targets against full logits.
 paper: study-paper-cpu
-# Stored views against the clean view and the online teacher (about 95 min); sparse targets against
-# full logits at equal bytes (about 75 min, or 36 beside views-cpu's stages).
 views: study-views-cpu
 targets: study-targets-cpu
 
-# The whole study chain on tiny synthetic data (about a minute).
+# The whole study chain on tiny synthetic data (protocols/smoke.toml).
 smoke: install
 	$(KDCACHE) sweep protocols/smoke.toml --out runs/smoke --workers 1
 	$(KDCACHE) report runs/smoke
