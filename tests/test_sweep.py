@@ -242,8 +242,8 @@ def test_per_fraction_epochs_resolve_by_fraction(tmp_path):
 
 
 def test_the_documented_paper_style_protocol_expands(tmp_path):
-    """protocols/README.md's example: real data, two teachers, per-fraction epochs, online students."""
-    readme = (ROOT / "protocols" / "README.md").read_text()
+    """docs/studies.md's example: real data, two teachers, per-fraction epochs, online students."""
+    readme = (ROOT / "docs" / "studies.md").read_text()
     example = tmp_path / "paper.toml"
     example.write_text(readme.split("```toml\n", 1)[1].split("```", 1)[0])
     p = plan(load_protocol(example))
