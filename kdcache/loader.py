@@ -89,10 +89,27 @@ class Batches:
         return x.sub_(self.mean).div_(self.std).contiguous(memory_format=torch.channels_last)
 
     def _to_device(self, t: torch.Tensor, copy: bool = True) -> torch.Tensor:
-        """A copy of `t` (FFCV reuses its buffers) on the device. To CUDA it goes through pinned memory
-        without blocking: a plain copy from pageable memory waits for the GPU to finish all queued
-        work, which stalls the step that follows (PyTorch's pinned-memory cache keeps the staging
-        block until the copy is done)."""
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device, copy=copy)
+        """A copy of `t` (FFCV reuses its buffers) on the device: `to_device`."""
+        return to_device(t, self.device, copy=copy)
+
+
+def staged(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    """A private copy of `t`, in pinned memory when `pin`: the only buffer an asynchronous copy reads."""
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+    return out.copy_(t)
+
+
+def to_device(t: torch.Tensor, device: torch.device, copy: bool = True) -> torch.Tensor:
+    """`t` on `device`, never aliasing `t`'s storage once the caller's next batch arrives.
+
+    To CUDA the copy is asynchronous (a plain copy from pageable memory waits for all queued GPU work,
+    stalling the next step), so it must read a buffer nobody refills before the GPU has read it. FFCV
+    1.0.2 already pins its output ring: `t.pin_memory()` would return that very ring slot, and the
+    `non_blocking` copy would read it later, while FFCV's threads may be decoding a later batch into it
+    (torn batches once the step is fast). So every batch is first copied on the host into a private
+    pinned staging buffer (`staged`: a memcpy of a few hundred KB); PyTorch's caching host allocator
+    records the copy's CUDA event on that block and hands it out again only after the copy completed,
+    which gives one staging buffer per batch in flight, however many are."""
+    if device.type == "cuda":
+        return staged(t, pin=True).to(device, non_blocking=True)
+    return t.to(device, copy=copy)
