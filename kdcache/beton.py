@@ -36,6 +36,15 @@ def fingerprint(split: Split) -> str:
     return h.hexdigest()[:32]
 
 
+def sample_keys(split: Split) -> list[str] | str:
+    """The index contract: each sample's key, in index order. An image folder's sample is its path under the
+    split root (`class/file.jpg`, what torchvision's ImageFolder lists); an in-memory source's (CIFAR, MNIST)
+    is its position in the official split, written as "position"."""
+    if not split.paths:
+        return "position"
+    return [f"{Path(p).parent.name}/{Path(p).name}" for p in split.paths]
+
+
 class _Indexed:
     """The indexable dataset FFCV's writer reads: (image, label, index) per sample."""
 
@@ -108,7 +117,7 @@ def convert(source: Source, out_dir: str | Path, *, max_side: int = 256, jpeg_qu
                     jpeg_quality=jpeg_quality, num_workers=num_workers)
         counts = np.bincount(split.labels, minlength=len(source.classes))
         splits[name] = {"file": f"{name}.beton", "size": len(split), "fingerprint": fingerprint(split),
-                        "class_counts": counts.tolist()}
+                        "class_counts": counts.tolist(), "keys": sample_keys(split)}
 
     mean, std = pixel_stats(source.train)
     manifest = {

@@ -260,6 +260,8 @@ def dump(*, teacher: str, data: str, out: str, checkpoint: str | None = None, pr
                                  chunk_rows=chunk_rows, **targets)
         _prepare_on_rank0(out, attrs, overwrite, distributed)
         group = store.open_store(out, "r+")
+        if rank() == 0:
+            store.write_keys(group, info.manifest)
         done = group[store.CHUNKS_DONE][:]
         todo = [k for k in range(len(done)) if k % world_size() == rank() and not done[k]]
         if todo:

@@ -28,6 +28,8 @@ VIEW_PARAMS = "view_params"              # (N, V, 3) int8: each stored view's (d
 SAMPLE_CLASSES = "sample_classes"        # (N, min(S, C)) classes drawn from the tempered teacher ...
 SAMPLE_COUNTS = "sample_counts"          # ... and how often each was drawn (of S); (N, V, min(S, C)) with views
 LABELS = "labels"                        # (N,) int64
+KEYS = "keys"                            # (N,) str: each sample's key (image folders: path under the split root);
+                                         # absent where the key is the position (the root attribute `keys`)
 CHUNKS_DONE = "chunks_done"              # (chunks,) uint8: 1 once that chunk's rows are all written
 CHUNK_CORRECT = "chunk_correct"          # (chunks,) int64: the teacher's correct predictions per chunk
 SCORES = "scores"                        # group: scores/<name> (N,) float32, attrs higher_is_harder, description
@@ -39,8 +41,30 @@ WHOLE_ARRAY_ROWS = 65536                 # rows per zarr chunk of arrays written
 def root_attrs(kind: str, info, **extra) -> dict:
     """The root attributes every kdcache store starts with; `info` is the training split's DatasetInfo."""
     return {KIND: kind, "schema_version": SCHEMA_VERSION, TRAIN_FINGERPRINT: info.train_fingerprint,
-            "manifest": info.manifest, "num_samples": info.size, "num_classes": info.num_classes,
+            "manifest": without_keys(info.manifest), "num_samples": info.size, "num_classes": info.num_classes,
             "kdcache_version": __version__, **extra}
+
+
+def without_keys(manifest: dict) -> dict:
+    """The manifest as a store records it: the splits' key lists (a million paths for ImageNet) go into
+    the `keys` array instead, so that the root attributes stay small."""
+    splits = {name: {k: v for k, v in split.items() if k != KEYS} for name, split in manifest.get("splits", {}).items()}
+    return {**manifest, "splits": splits} if splits else dict(manifest)
+
+
+def write_keys(group: zarr.Group, manifest: dict) -> None:
+    """Record the training split's sample keys (the index contract, kdcache.api.rows_for): an image folder's
+    paths as the `keys` array, `keys: position` for in-memory sources; nothing for a manifest without keys
+    (made by an older kdcache)."""
+    keys = manifest.get("splits", {}).get("train", {}).get(KEYS)
+    if keys is None or KEYS in group or group.attrs.get(KEYS):
+        return
+    if isinstance(keys, str):
+        group.update_attributes({KEYS: keys})
+        return
+    group.create_array(KEYS, shape=(len(keys),), dtype=str, chunks=(min(WHOLE_ARRAY_ROWS, len(keys)),),
+                       overwrite=True)[:] = np.asarray(keys, dtype=str)
+    group.update_attributes({KEYS: "array"})
 
 
 def open_store(url: str, mode: str = "r", *, missing_ok: bool = False) -> zarr.Group | None:
