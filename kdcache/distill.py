@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-DEFAULT_TEMPERATURE = 4.0  # Hinton et al.'s range (2-5); the KD temperature when neither option nor cache sets one
+from .config import DEFAULT_TEMPERATURE
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor, alpha: float,
@@ -25,6 +25,21 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.T
     kl = F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher.float() / t, dim=1),
                   reduction="batchmean", log_target=True)
     return (1 - alpha) * ce + alpha * t * t * kl, ce, kl
+
+
+def kd_step(model: torch.nn.Module, x: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor,
+            alpha: float, temperature: float, label_smoothing: float = 0.0,
+            amp: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The differentiable part of a training step as one function: the student's forward (under autocast
+    to `amp`, if any) and `kd_loss`, CE and KD term together. Returns (loss, ce, kl, logits).
+
+    One function, so that `torch.compile` compiles model and loss as one graph (the loss's two dozen
+    small kernels fuse into the backward's). Eager, it computes exactly what `kd_loss` does on the
+    model's output, operation for operation: a run gives the same numbers through either."""
+    with torch.autocast(x.device.type, amp, enabled=amp is not None):
+        logits = model(x)
+    loss, ce, kl = kd_loss(logits, teacher, labels, alpha, temperature, label_smoothing)
+    return loss, ce, kl, logits
 
 
 ALPHA_FLAT_UNTIL = 0.05  # kept fractions down to this one take alpha 0.5 ...

@@ -68,6 +68,15 @@ class Batches:
     def __len__(self) -> int:
         return len(self.loader)
 
+    @property
+    def next_epoch(self) -> int:
+        """The epoch the next iteration serves: FFCV's counter, which seeds its order (a resume sets it)."""
+        return self.loader.next_epoch
+
+    @next_epoch.setter
+    def next_epoch(self, epoch: int) -> None:
+        self.loader.next_epoch = epoch
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         epoch = self.loader.next_epoch  # FFCV's counter (it seeds the order); restored on resume
         for images, labels, index in self.loader:

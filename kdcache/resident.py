@@ -15,12 +15,16 @@ views too. Distributed runs and image folders keep FFCV.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .augment import apply_view, choose_view, crop_flip, draw
 from .beton import DatasetInfo
+
+if TYPE_CHECKING:
+    from .loader import Batches
 
 RESIDENT_MAX_SIDE = 64                # px: CIFAR, Tiny ImageNet and their like; larger images stay with FFCV
 RESIDENT_BUDGET_BYTES = 4 * 1024 ** 3  # images + labels + indices per set; CIFAR-10's 50k take 154 MB,
@@ -121,3 +125,25 @@ class ResidentBatches:
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """Raw float pixels -> the network's input, in place (x must be the caller's own tensor)."""
         return x.sub_(self.mean).div_(self.std).contiguous(memory_format=torch.channels_last)
+
+
+
+
+def make_batches(info: DatasetInfo, *, path: str = "auto", distributed: bool = False,
+                 indices: Sequence[int] | None = None, **options) -> Batches | ResidentBatches:
+    """The batches of `info` (Batches' arguments) by `path`: "resident" on the device, "ffcv" through
+    FFCV's loader, "auto" resident whenever that may be (`fits`, one process), else FFCV."""
+    from .errors import UserError
+    from .loader import Batches
+
+    if path not in DATA_PATHS:
+        raise UserError(f"--data-path must be one of {', '.join(DATA_PATHS)}, got {path!r}")
+    count = info.size if indices is None else len(indices)
+    may = fits(info, count) and not distributed
+    if path == "resident" and not may:
+        raise UserError(f"--data-path resident needs images of {RESIDENT_MAX_SIDE} px or less whose "
+                        f"{resident_bytes(info, count) / 2 ** 30:.1f} GiB fit {RESIDENT_BUDGET_BYTES / 2 ** 30:.0f} GiB, "
+                        "in one process: use --data-path ffcv (or auto)")
+    if path == "ffcv" or not may:
+        return Batches(info, distributed=distributed, indices=indices, **options)
+    return ResidentBatches(info, indices=indices, **options)

@@ -31,11 +31,12 @@ from . import __version__
 from .augment import VIEW_RECIPE
 from .beton import DatasetInfo, dataset_info
 from .device import init_distributed, rank, resolve_device, world_size
-from .distill import DEFAULT_TEMPERATURE, auto_alpha, kd_loss
+from .distill import DEFAULT_TEMPERATURE, auto_alpha, kd_step
 from .dynamics import AUM_FRACTION, EARLY_FRACTION
 from .errors import UserError
 from .files import atomic, save_npy, write_json, write_lines
 from .loader import Batches
+from .resident import DATA_PATHS, ResidentBatches, make_batches
 from .models import build_model, load_teacher_checkpoint, save_checkpoint
 from .selection import SelectOptions
 
@@ -93,6 +94,8 @@ class TrainConfig:
     amp: str = "bf16"                   # autocast dtype on CUDA: bf16, fp16 or off (CPU: always off)
     compile: bool = False
     workers: int = -1                   # FFCV loader threads (-1: all cores)
+    data_path: str = "auto"             # auto: small images resident on the device when they fit (else FFCV),
+                                        # ffcv, resident: see kdcache.resident (same batches either way)
     eval_every: int = 1
     teacher_online: str | None = None   # run this architecture in the loop instead of reading a cache
     teacher_checkpoint: str | None = None
@@ -137,6 +140,8 @@ def validate(cfg: TrainConfig) -> tuple[DatasetInfo, DatasetInfo, float | None]:
         raise UserError("--teacher-online needs --teacher-checkpoint")
     if cfg.teacher_online and cfg.cache:
         raise UserError("give either --cache or --teacher-online, not both")
+    if cfg.data_path not in DATA_PATHS:
+        raise UserError(f"--data-path must be one of {', '.join(DATA_PATHS)}, got {cfg.data_path!r}")
     if cfg.amp not in ("bf16", "fp16", "off"):
         raise UserError(f"--amp must be bf16, fp16 or off, got {cfg.amp}")
     return info, test_info, alpha
@@ -340,7 +345,7 @@ def check_out(cfg: TrainConfig) -> dict | None:
     return None
 
 
-NOT_RESULTS = {"out", "resume", "overwrite", "workers", "device"}  # options that do not change what a run computes
+NOT_RESULTS = {"out", "resume", "overwrite", "workers", "device", "data_path"}  # options that do not change what a run computes
 
 
 def _check_same_options(cfg: TrainConfig, out: Path) -> None:
@@ -372,6 +377,36 @@ def train(cfg: TrainConfig) -> dict:
             dist.destroy_process_group()
 
 
+PROGRESS_EVERY = 20  # steps between progress-bar updates
+
+
+class LateProgress:
+    """The progress bar's numbers, one window late, so that the loop never waits for the device: each
+    window's sums are copied to the host asynchronously and read at the next window, if the copy is done
+    by then (an `.item()` would wait for every step queued so far, draining the pipeline)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: tuple[torch.Tensor, object, float] | None = None
+        self.at = 0.0  # perf_counter when the sums last returned were taken
+
+    def swap(self, sums: torch.Tensor) -> list[float] | None:
+        """Snapshot `sums`; return the previous snapshot's values if ready, else None."""
+        ready = None
+        if self.pending is not None:
+            host, event, at = self.pending
+            if event is None or event.query():
+                ready, self.at = host.tolist(), at
+        if self.cuda:
+            host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True).copy_(sums, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = sums.clone(), None
+        self.pending = host, event, time.perf_counter()
+        return ready
+
+
 class Trainer:
     """One run. Built in pipeline order: the subset, the teacher, the student and its data, the
     schedule and optimiser, the run's record (or the checkpoint it resumes), the dynamics recorder."""
@@ -392,10 +427,11 @@ class Trainer:
         self.model = build_model(cfg.arch, info.num_classes, info.image_size).to(
             device, memory_format=torch.channels_last)
         self.views = getattr(self.teacher, "views", None)  # a multi-view cache's: shown exactly as stored
-        self.train_batches = Batches(info, batch_size=self.batch_size, train=True, augment=cfg.augment,
-                                     device=device, indices=self.indices, seed=cfg.seed, views=self.views,
-                                     distributed=self.world > 1, num_workers=cfg.workers)
-        self.test_batches = Batches(test_info, batch_size=512, train=False, device=device, num_workers=cfg.workers)
+        self.train_batches = make_batches(info, path=cfg.data_path, batch_size=self.batch_size, train=True,
+                                          augment=cfg.augment, device=device, indices=self.indices, seed=cfg.seed,
+                                          views=self.views, distributed=self.world > 1, num_workers=cfg.workers)
+        self.test_batches = make_batches(test_info, path=cfg.data_path, batch_size=512, train=False, device=device,
+                                         num_workers=cfg.workers)
         self.bn_batches = self._bn_batches()
         self.schedule = Schedule.of(cfg, len(self.train_batches))
         self.opt = make_optimizer(self.model, cfg)
@@ -407,6 +443,7 @@ class Trainer:
         self.start_epoch, self.step, self.elapsed = self._restore_or_start()
         self.recorder = self._recorder(labels)
         self.net = self._wrap(self.model)
+        self.kd_step = torch.compile(kd_step) if cfg.compile else kd_step  # model and loss: one graph
 
     def _labels(self) -> np.ndarray | None:
         """The training labels, read once for whoever needs them (a selection, the dynamics recorder)."""
@@ -431,15 +468,15 @@ class Trainer:
             raise UserError(f"{len(self.indices)} selected samples are too few to train on {self.world} process(es)")
         return batch_size
 
-    def _bn_batches(self) -> Batches | None:
+    def _bn_batches(self) -> Batches | ResidentBatches | None:
         """A fixed, seeded part of the training subset, unaugmented, for re-estimating BatchNorm statistics
         (a loader of its own: drawing from the training loader would advance its epochs)."""
         n = min(len(self.indices), self.cfg.bn_batches * self.batch_size)
         if n == 0:
             return None
         part = np.random.default_rng(self.cfg.seed).choice(self.indices, n, replace=False)
-        return Batches(self.info, batch_size=self.batch_size, train=False, device=self.device, indices=part,
-                       num_workers=self.cfg.workers)
+        return make_batches(self.info, path=self.cfg.data_path, batch_size=self.batch_size, train=False,
+                            device=self.device, indices=part, num_workers=self.cfg.workers)
 
     def _describe(self) -> dict:
         """What config.json records: the options as given plus everything they resolved to."""
@@ -470,7 +507,7 @@ class Trainer:
             self.opt.load_state_dict(state["opt"])
             self.scaler.load_state_dict(state["scaler"])
             start = state["epoch"], state["step"], state["elapsed"]
-            self.train_batches.loader.next_epoch = start[0]  # FFCV seeds each epoch's order with seed + epoch
+            self.train_batches.next_epoch = start[0]  # each epoch's order is seeded with seed + epoch
             kept = read_metrics(self.out)[:start[0]]  # lines written after the checkpoint go
             # the last evaluation survives a resume (a run killed after its last epoch has no epoch left)
             last = next((row for row in reversed(kept) if row["test_acc"] is not None), None)
@@ -503,7 +540,7 @@ class Trainer:
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        return torch.compile(model) if self.cfg.compile else model
+        return model
 
     # --- the loop ---
 
@@ -525,14 +562,17 @@ class Trainer:
         t0 = time.perf_counter()
         bar = tqdm(self.train_batches, desc=f"epoch {epoch + 1}/{self.schedule.epochs}", disable=self.rank != 0,
                    leave=False, mininterval=1.0, dynamic_ncols=True)
+        progress = LateProgress(self.device)
         for x, y, index, view in bar:
             if self.step >= self.schedule.total_steps:
                 break
             sums += self.train_step(x, y, index, view)
             self.step += 1
-            if self.step % 20 == 0:
-                bar.set_postfix(loss=f"{sums[0].item() / sums[4].item():.3f}",
-                                img_s=f"{sums[4].item() * self.world / (time.perf_counter() - t0):.0f}")
+            if self.step % PROGRESS_EVERY == 0 and self.rank == 0:
+                done = progress.swap(sums)  # the previous window's sums, if the device has reached them
+                if done is not None:
+                    bar.set_postfix(loss=f"{done[0] / done[4]:.3f}",
+                                    img_s=f"{done[4] * self.world / (progress.at - t0):.0f}")
         return sums
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
@@ -542,8 +582,8 @@ class Trainer:
             group["lr"] = lr_at(self.step, s.total_steps, s.warmup_steps, cfg.lr)
         with torch.autocast(self.device.type, self.amp, enabled=self.amp is not None):
             target = self.teacher(x, index, view) if self.teacher is not None else None
-            logits = self.net(x)
-        loss, ce, kl = kd_loss(logits, target, y, self.alpha, self.temperature, cfg.label_smoothing)
+        loss, ce, kl, logits = self.kd_step(self.net, x, target, y, self.alpha, self.temperature,
+                                            cfg.label_smoothing, self.amp)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
