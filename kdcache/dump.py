@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ from . import store
 from .augment import VIEW_RECIPE, apply_view, view_params
 from .beton import DatasetInfo, dataset_info
 from .device import init_distributed, rank, resolve_device, world_size
-from .distill import DEFAULT_TEMPERATURE
+from .config import DumpConfig
 from .errors import UserError
 from .loader import Batches
 from .models import last_linear
@@ -38,37 +37,30 @@ PROBS = "probs"  # a batch's tempered teacher probabilities, on their way to be 
 DIE_AFTER_ENV = "KDCACHE_DIE_AFTER_CHUNKS"  # tests: SIGKILL this process after that many chunks
 
 
-@dataclass(frozen=True)
-class DumpOptions:
-    """The dump's tunable options and their defaults (the CLI shows these)."""
-
-    batch_size: int = 512     # samples per teacher batch
-    chunk_rows: int = 4096    # samples per store chunk, the unit of resuming; a multiple of batch_size
-    topk: int = 0             # keep only the K most probable classes' log-probabilities (0: all logits)
-    temperature: float = DEFAULT_TEMPERATURE  # top-k / sample: the teacher's temperature (full logits serve any)
-    sample: int = 0           # store S classes drawn from the tempered teacher, with counts (0: off)
-    sample_seed: int = 0      # the draws are a function of (this seed, sample index, draw)
-    views: int = 1            # 1: outputs on the clean image; K > 1: on K stored augmented views per sample
-    view_seed: int = 0        # the views are a function of (this seed, sample index, view)
-    device: str = "auto"      # auto, cpu, cuda or cuda:N
-    workers: int = -1         # FFCV loader threads (-1: all cores)
-
-
 def load_teacher(name: str, checkpoint: str | None, pretrained: bool, info: DatasetInfo,
                  device: torch.device) -> tuple[torch.nn.Module, dict]:
     """The teacher in eval mode, channels-last, and what identifies its weights."""
-    from .models import build_model, load_teacher_checkpoint, sha256_file
+    from .models import TIMM, build_model, load_teacher_checkpoint, sha256_file, with_own_preprocessing
 
     if bool(checkpoint) == bool(pretrained):
         raise UserError("pass exactly one of --checkpoint PATH and --pretrained")
+    # the teacher's own preprocessing (a timm teacher's mean, std and input size), recorded in the store
+    own = {"mean": list(info.mean), "std": list(info.std), "input_size": info.image_size}
     if checkpoint:
-        model = load_teacher_checkpoint(checkpoint, name, info.num_classes, info.image_size, device)
-        return model, {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint)}
-    import torchvision
+        model = load_teacher_checkpoint(checkpoint, name, info.num_classes, info.image_size, device,
+                                        mean=info.mean, std=info.std)
+        return model, {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
+                       "teacher_preprocessing": getattr(model, "preprocessing", own)}
     model = build_model(name, info.num_classes, info.image_size, pretrained=True)
-    weights = torchvision.models.get_model_weights(name).DEFAULT
+    if name.startswith(TIMM):
+        model = with_own_preprocessing(model, name, info.mean, info.std, info.image_size)
+        source = f"timm-pretrained:{name.removeprefix(TIMM)}"
+    else:
+        import torchvision
+        source = f"torchvision:{torchvision.models.get_model_weights(name).DEFAULT}"
+    preprocessing = getattr(model, "preprocessing", own)
     model = model.to(device, memory_format=torch.channels_last).eval()
-    return model, {"checkpoint": f"torchvision:{weights}", "checkpoint_sha256": None}
+    return model, {"checkpoint": source, "checkpoint_sha256": None, "teacher_preprocessing": preprocessing}
 
 
 # --- the store -------------------------------------------------------------------------------------
@@ -233,47 +225,41 @@ def _store_batch(pending: dict, chunks: _Chunks, idx_dtype: np.dtype, targets: d
     chunks.add(index, h, correct)
 
 
-D = DumpOptions()
-
-
-def dump(*, teacher: str, data: str, out: str, checkpoint: str | None = None, pretrained: bool = False,
-         batch_size: int = D.batch_size, chunk_rows: int = D.chunk_rows, topk: int | None = D.topk,
-         temperature: float = D.temperature, sample: int = D.sample, sample_seed: int = D.sample_seed,
-         views: int = D.views, view_seed: int = D.view_seed, device: str = D.device, workers: int = D.workers,
-         overwrite: bool = False, progress: bool = True) -> dict:
-    """Dump the teacher's logits and scores for every sample of the training beton `data` into the
-    store at `out`, resuming a matching unfinished store. Returns the store's root attributes."""
-    info = dataset_info(data)
-    topk = topk or None
-    sample = sample or None
-    _check_options(info, batch_size, chunk_rows, topk, temperature, sample, views)
-    temperature = temperature if topk or sample else None  # full logits serve any temperature
-    targets = {"topk": topk, "temperature": temperature, "sample": sample,
-               "sample_seed": sample_seed if sample else None, "views": views,
-               "view_seed": view_seed if views > 1 else None, "view_recipe": VIEW_RECIPE if views > 1 else None}
-    dev = resolve_device(device)
+def dump(cfg: DumpConfig | None = None, /, *, progress: bool = True, **options) -> dict:
+    """Dump the teacher's logits and scores for every sample of the training beton `cfg.data` into the
+    store at `cfg.out`, resuming a matching unfinished store. Returns the store's root attributes.
+    Keyword options instead of `cfg` build one (`dump(teacher=..., data=..., out=...)`)."""
+    cfg = cfg or DumpConfig(**options)
+    info = dataset_info(cfg.data)
+    topk, sample = cfg.topk or None, cfg.sample or None  # top-k "off" is 0 in options, None in the store
+    _check_options(info, cfg.batch_size, cfg.chunk_rows, topk, cfg.temperature, sample, cfg.views)
+    multi = cfg.views > 1
+    targets = {"topk": topk, "temperature": cfg.temperature if topk or sample else None,  # full logits: any
+               "sample": sample, "sample_seed": cfg.sample_seed if sample else None, "views": cfg.views,
+               "view_seed": cfg.view_seed if multi else None, "view_recipe": VIEW_RECIPE if multi else None}
+    dev = resolve_device(cfg.device)
     distributed = init_distributed(dev)
     try:
-        model, ident = load_teacher(teacher, checkpoint, pretrained, info, dev)
-        attrs = store.root_attrs(store.LOGITS_KIND, info, teacher=teacher, **ident, teacher_accuracy=None,
+        model, ident = load_teacher(cfg.teacher, cfg.checkpoint, cfg.pretrained, info, dev)
+        attrs = store.root_attrs(store.LOGITS_KIND, info, teacher=cfg.teacher, **ident, teacher_accuracy=None,
                                  command=shlex.join(sys.argv), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                 chunk_rows=chunk_rows, **targets)
-        _prepare_on_rank0(out, attrs, overwrite, distributed)
-        group = store.open_store(out, "r+")
+                                 chunk_rows=cfg.chunk_rows, **targets)
+        _prepare_on_rank0(cfg.out, attrs, cfg.overwrite, distributed)
+        group = store.open_store(cfg.out, "r+")
         if rank() == 0:
             store.write_keys(group, info.manifest)
         done = group[store.CHUNKS_DONE][:]
         todo = [k for k in range(len(done)) if k % world_size() == rank() and not done[k]]
         if todo:
-            _run(model, group, info, todo, batch_size=batch_size, chunk_rows=chunk_rows, targets=targets, dev=dev,
-                 workers=workers, progress=progress and rank() == 0)
+            _run(model, group, info, todo, batch_size=cfg.batch_size, chunk_rows=cfg.chunk_rows, targets=targets,
+                 dev=dev, workers=cfg.workers, progress=progress and rank() == 0)
         if distributed:
             dist.barrier()
         if rank() == 0:
-            _finish(group, out, info.size)
+            _finish(group, cfg.out, info.size)
         if distributed:
             dist.barrier()
-        return store.open_store(out, "r").attrs.asdict()
+        return store.open_store(cfg.out, "r").attrs.asdict()
     finally:
         if distributed:
             dist.destroy_process_group()
