@@ -25,7 +25,14 @@ def test_gpu_benchmark_runs_at_toy_size_on_cpu(tmp_path):
     r = json.loads(out.read_text())
     assert r["device"] == "cpu" and r["quick"] and r["samples"] == 256
     speed = r["images_per_sec"]
-    assert set(speed) == {"ce", "cached_kd", "cached_kd_views2", "online_kd_resnet50", "online_kd_resnet8"}
+    assert set(speed) == {"ce", "cached_kd", "cached_kd_views2", "online_kd_resnet50", "online_kd_resnet8", "ce_ffcv"}
+    assert r["ratios"]["resident_over_ffcv"] == pytest.approx(speed["ce"] / speed["ce_ffcv"])
+    attainable = 1 + r["bound_images_per_sec"] / r["resnet50_forward_images_per_sec"]
+    assert r["attainable_cached_over_online_resnet50"] == pytest.approx(attainable)
+    assert r["ratios"]["online_resnet50_of_attainable"] == pytest.approx(
+        r["ratios"]["cached_over_online_resnet50"] / attainable)
+    assert r["syncs_per_5_steps"] == {"ce": 0, "cached_kd": 0}  # no synchronising operator in a step
+    assert r["ring"]["torn"] == 0 and r["ring"]["batches"] == 8  # 256 samples, batch 32
     assert r["ratios"]["views_over_cached"] == pytest.approx(speed["cached_kd_views2"] / speed["cached_kd"])
     assert r["views"] == 2 and r["dump_views_samples_per_sec"] > 0
     assert all(v > 0 for v in speed.values()) and r["bound_images_per_sec"] > 0
