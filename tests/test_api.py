@@ -121,12 +121,16 @@ def test_positional_keys_are_recorded_and_labels_checked(synth, cache):
 
 
 @pytest.fixture(scope="module")
-def folder_store(teacher, tmp_path_factory):
-    """A tiny image folder (3 classes, 16 px), converted, and dumped by a resnet8 saved untrained."""
+def folder_store(tmp_path_factory):
+    return make_folder_store(tmp_path_factory.mktemp("folder"))
+
+
+def make_folder_store(root):
+    """A tiny image folder `src` (3 classes, 5 + 2 images each, 20 px), converted into `data` (16 px crops),
+    and dumped into `c.zarr` by a resnet8 saved untrained."""
     from PIL import Image
 
     from kdcache.models import build_model, save_checkpoint
-    root = tmp_path_factory.mktemp("folder")
     rng = np.random.default_rng(0)
     for split, n in (("train", 5), ("val", 2)):
         for c in ("ant", "bee", "cat"):
