@@ -7,7 +7,7 @@ APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo paper views targets smoke lint bench bench-loader bench-dump bench-train bench-study bench-gpu clean
+.PHONY: install test demo paper views targets smoke lint bench bench-loader bench-dump bench-train bench-study bench-gpu bench-host clean
 
 install: $(STAMP)
 
@@ -62,8 +62,12 @@ bench-dump: install
 bench-train: install
 	$(PY) benchmarks/bench_train.py $(BENCH_ARGS)
 
+# Host work per training step on CPU (about a minute): writes benchmarks/results/host.json.
+bench-host: install
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_host.py $(BENCH_ARGS)
+
 # Each benchmark prints its own table and writes benchmarks/results/<name>.json.
-bench: bench-loader bench-dump bench-train bench-study
+bench: bench-loader bench-dump bench-train bench-study bench-host
 	@$(PY) benchmarks/summary.py
 
 lint: install

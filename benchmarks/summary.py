@@ -26,6 +26,13 @@ def rows_of(r: dict) -> list[tuple[str, float, float | None, str]]:
             rows.append((f"study of {r['students']} students: cache / online ({teacher})", t["speedup"], target,
                          f"{t['cached_study_seconds']:,.0f} s vs {t['online_seconds_scaled']:,.0f} s; "
                          + (f"break-even at {even:.1f} students" if even else "never breaks even")))
+    elif r["benchmark"] == "host":
+        for batch, b in r["by_batch"].items():
+            u = b["us_per_step"]
+            rows.append((f"bare step / trainer step on CPU (resident path, batch {batch})", 1 / b["overhead_ratio"],
+                         1 / r["goal"], f"{u['resident']:,.0f} vs {u['bare']:,.0f} us per step (overhead_ratio "
+                         f"{b['overhead_ratio']:.2f}, goal <= {r['goal']}); FFCV path {u['ffcv']:,.0f} us "
+                         f"({b['ffcv_ratio']:.2f}x); {r['arch']}, {r['image_size']} px"))
     elif r["benchmark"] == "dump":
         rows.append(("dump / bare teacher inference", r["ratio"], 0.95,
                      f"{r['dump_samples_per_s']:,.0f} vs {r['bare_samples_per_s']:,.0f} samples/s, {r['teacher']}"))
@@ -43,7 +50,7 @@ def rows_of(r: dict) -> list[tuple[str, float, float | None, str]]:
 
 def main() -> None:
     lines = ["| measure | value | target | met | detail | machine |", "|---|---|---|---|---|---|"]
-    for path in sorted(RESULTS.glob("bench_*.json")) + sorted(RESULTS.glob("gpu.json")):
+    for path in sorted(RESULTS.glob("bench_*.json")) + sorted(RESULTS.glob("host.json")) + sorted(RESULTS.glob("gpu.json")):
         r = json.loads(path.read_text())
         for name, value, target, detail in rows_of(r):
             met = "" if target is None else "yes" if value >= target else "no"

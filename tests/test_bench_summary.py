@@ -34,3 +34,16 @@ def test_summary_table_says_which_targets_are_met(tmp_path, capsys):
     assert lines[3].startswith("| study of 12 students: cache / online (resnet50) | 2.50 | >= 3 | no | 400 s vs "
                                "1,000 s; break-even at 5.2 students |")
     assert "| 0.50 |  |  | 400 s vs 200 s; never breaks even |" in lines[4]
+
+
+def test_summary_states_the_host_overhead_against_its_goal(tmp_path, capsys):
+    summary = load_summary()
+    summary.RESULTS = tmp_path
+    (tmp_path / "host.json").write_text(json.dumps(
+        {"benchmark": "host", "machine": "cpu A", "arch": "resnet8", "image_size": 8, "goal": 1.25,
+         "by_batch": {"16": {"us_per_step": {"bare": 1000.0, "resident": 1200.0, "ffcv": 3000.0},
+                             "overhead_ratio": 1.2, "ffcv_ratio": 3.0}}}))
+    summary.main()
+    row = (tmp_path / "summary.md").read_text().splitlines()[2]
+    assert row.startswith("| bare step / trainer step on CPU (resident path, batch 16) | 0.83 | >= 0.8 | yes | "
+                          "1,200 vs 1,000 us per step (overhead_ratio 1.20, goal <= 1.25); FFCV path 3,000 us (3.00x)")
