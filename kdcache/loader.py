@@ -6,11 +6,13 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from . import crops
 from .augment import apply_view, choose_view, crop_flip, draw
 from .beton import DatasetInfo
+from .errors import UserError
 
 
-def _pipelines(augment: bool, size: int, small: bool) -> dict:
+def _pipelines(augment: bool, size: int, small: bool, canvas: int | None = None) -> dict:
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
     from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
@@ -19,6 +21,8 @@ def _pipelines(augment: bool, size: int, small: bool) -> dict:
 
     if small:  # augmented, if at all, on the device from seeded draws: kdcache.augment
         image = [SimpleRGBImageDecoder()]
+    elif canvas:  # image folders' crops: cut from the canvas on the device from seeded draws (kdcache.crops)
+        image = [crops.canvas_decoder(canvas)]
     elif augment:
         image = [RandomResizedCropRGBImageDecoder((size, size)), RandomHorizontalFlip()]
     else:
@@ -34,23 +38,34 @@ class Batches:
     `train` means random order and augmentation (unless `augment` says otherwise); otherwise the
     samples come in index order, unaugmented, every one of them. Small images are augmented with
     `kdcache.augment` (crop + flip drawn from seed, epoch and sample index: reproducible); image folders
-    with FFCV's random-resized crop + flip (not yet seeded).
+    with `kdcache.crops`' random-resized crop + flip, drawn the same way and cut on the device.
 
     `views`, the (N, K, 3) view table of a multi-view cache, replaces the random crop: in each epoch a
     sample shows one of its K stored views (`augment.choose_view`), and the batch's fourth element says
-    which (None without a table). `normalise=False` gives the raw pixels, as floats, for `normalise`."""
+    which (None without a table); an image folder's table holds `kdcache.crops` boxes. `normalise=False`
+    gives the raw pixels, as floats, for `normalise`; `canvas` (image folders) the whole stored images
+    on a max_side square, for crops the caller makes with `crops.apply_crop`."""
 
     def __init__(self, info: DatasetInfo, *, batch_size: int, train: bool, device: torch.device | str = "cpu",
                  indices: Sequence[int] | None = None, seed: int = 0, distributed: bool = False,
                  num_workers: int = -1, augment: bool | None = None, views: np.ndarray | None = None,
-                 normalise: bool = True):
+                 normalise: bool = True, canvas: bool = False):
         from ffcv.loader import Loader, OrderOption
 
         self.device = torch.device(device)
         self.size = info.image_size
         self.seed = seed
-        self.crop_flip = info.small and (train if augment is None else augment)
+        augmenting = train if augment is None else augment
+        self.crop_flip = info.small and augmenting
         self.views, self.normalised = views, normalise
+        self.canvas = None if info.small or not (augmenting or views is not None or canvas) else info.max_side
+        self.rrc = self.canvas is not None and augmenting and views is None and not canvas
+        if self.canvas is not None:
+            if self.size > self.canvas:
+                raise UserError(f"{info.path}: crops of {self.size} px are larger than its images allow (stored "
+                                f"at {self.canvas} px at most): convert the data again with a larger --max-side "
+                                "or a smaller --crop-side")
+            self.heights, self.widths = crops.image_sizes(info.path)
         if indices is not None:
             indices = np.sort(np.asarray(indices, dtype=np.int64))
         self.loader = Loader(
@@ -61,7 +76,7 @@ class Batches:
             # `distributed`, FFCV pads shorter shares with repeats, up to world - 1 of them; BatchNorm
             # in conv layers normalises over N*H*W, so even a last batch of one sample is fine).
             drop_last=False,
-            pipelines=_pipelines(train if augment is None else augment, self.size, info.small))
+            pipelines=_pipelines(augmenting, self.size, info.small, self.canvas))
         self.mean = torch.tensor(info.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(info.std, device=self.device).view(1, 3, 1, 1)
 
@@ -84,8 +99,12 @@ class Batches:
             i, view = index.numpy().ravel(), None
             if self.views is not None:
                 chosen = choose_view(self.seed, epoch, i, self.views.shape[1])
-                params = self._to_device(torch.from_numpy(self.views[i, chosen]))
-                x, view = apply_view(x, params), self._to_device(torch.from_numpy(chosen))
+                params = self._to_device(torch.from_numpy(self.views[i, chosen].astype(np.int32)))
+                x = apply_view(x, params) if self.canvas is None else crops.apply_crop(x, params, self.size)
+                view = self._to_device(torch.from_numpy(chosen))
+            elif self.rrc:
+                params = crops.draw(self.seed, epoch, i, self.heights[i], self.widths[i])
+                x = crops.apply_crop(x, self._to_device(torch.from_numpy(params.astype(np.int32))), self.size)
             elif self.crop_flip:
                 dy, dx, flip = self._to_device(torch.from_numpy(np.stack(draw(self.seed, epoch, i))))
                 x = crop_flip(x, dy, dx, flip.bool())
