@@ -138,6 +138,11 @@ class TeacherTargets:
                 "counts": counts.astype(np.uint8 if counts.dtype == np.uint8 else np.int16)}
 
     @property
+    def labels(self) -> np.ndarray:
+        """(N,) int64: the label of every store row, as the dump read it."""
+        return self.cache.labels()
+
+    @property
     def nbytes(self) -> int:
         """Bytes the loaded targets take on the device (with the index-to-row table)."""
         return sum(t.numel() * t.element_size() for t in (*self.tables.values(), self.position))
