@@ -1,27 +1,16 @@
 """`kdcache data`: convert a dataset into FFCV betons."""
 import click
 
+from kdcache.config import DataOptions
 from kdcache.errors import UserError
 from kdcache.sources import SOURCES
 
-SHOW = {"show_default": True}
+from .options import options_of
 
 
 @click.command()
 @click.argument("source", type=click.Choice(SOURCES))
-@click.option("--src", type=click.Path(), default=None,
-              help="Source folder (default for fashion-mnist: /usr/share/datasets/fashion-mnist).")
-@click.option("--out", type=click.Path(), required=True, help="Folder for train.beton, test.beton, manifest.json.")
-@click.option("--max-side", default=256, **SHOW, help="imagefolder: longest stored image side (JPEG).")
-@click.option("--jpeg-quality", default=90, **SHOW, help="imagefolder: JPEG quality.")
-@click.option("--crop-side", type=int, default=None,
-              help="imagefolder: the side models see [default: 224 when --max-side >= 256, else 7/8 of it].")
-@click.option("--workers", default=-1, **SHOW, help="Writer processes (-1: all cores).")
-@click.option("--num-train", default=1000, **SHOW, help="synthetic: training samples.")
-@click.option("--num-test", default=500, **SHOW, help="synthetic: test samples.")
-@click.option("--num-classes", default=10, **SHOW, help="synthetic: classes.")
-@click.option("--image-size", default=32, **SHOW, help="synthetic: image side in pixels.")
-@click.option("--seed", default=0, **SHOW, help="synthetic: generator seed.")
+@options_of(DataOptions, exclude=("source",))
 def data(source, src, out, max_side, jpeg_quality, crop_side, workers, num_train, num_test, num_classes, image_size,
          seed):
     """Convert a dataset SOURCE into FFCV train/test .beton files with a manifest."""

@@ -3,53 +3,28 @@ import json
 
 import click
 
-from kdcache.dump import DumpOptions
+from kdcache.config import DumpConfig
 from kdcache.models import ARCH_HELP
 
+from .options import options_of
+
 SHOW = {"show_default": True}
-D = DumpOptions()
+FIRST = ("teacher", "checkpoint", "pretrained", "data", "out")  # listed first in --help
 
 
 @click.command()
-@click.option("--teacher", required=True, help=f"Teacher model: {ARCH_HELP}.")
-@click.option("--checkpoint", type=click.Path(), default=None, help="Teacher checkpoint written by kdcache train.")
-@click.option("--pretrained", is_flag=True, default=False, **SHOW,
-              help="Use torchvision's pretrained weights (needs network access or a cached download).")
-@click.option("--data", type=click.Path(), required=True, help="The training split's .beton.")
-@click.option("--out", required=True, help="Store path or URL (file://, s3://, ...).")
-@click.option("--batch-size", default=D.batch_size, **SHOW, help="Samples per teacher batch.")
-@click.option("--chunk-rows", default=D.chunk_rows, **SHOW,
-              help="Samples per store chunk, the unit of resuming; a multiple of --batch-size.")
-@click.option("--topk", default=D.topk, **SHOW,
-              help="Store only the K most probable classes' log-probabilities (0: all logits).")
-@click.option("--temperature", default=D.temperature, **SHOW,
-              help="With --topk or --sample: the teacher's temperature for the targets; students train at it.")
-@click.option("--sample", default=D.sample, **SHOW,
-              help="Store S classes drawn from the tempered teacher with their counts: unbiased sparse targets "
-                   "(Sparse Logit Sampling; 0: off).")
-@click.option("--sample-seed", default=D.sample_seed, **SHOW, help="Seed of the --sample draws.")
-@click.option("--views", default=D.views, **SHOW,
-              help="1: the teacher's outputs on the clean image. K > 1: on K augmented views per sample (pad-4 "
-                   "crop + flip), stored with their parameters; students are shown exactly those views.")
-@click.option("--view-seed", default=D.view_seed, **SHOW, help="Seed of the --views draws.")
-@click.option("--device", default=D.device, **SHOW, help="auto (CUDA if available), cpu, cuda or cuda:N.")
-@click.option("--workers", default=D.workers, **SHOW, help="FFCV loader threads (-1: all cores).")
-@click.option("--overwrite", is_flag=True, default=False, **SHOW,
-              help="Start over when --out holds another dump's store.")
-def dump(teacher, checkpoint, pretrained, data, out, batch_size, chunk_rows, topk, temperature, sample, sample_seed,
-         views, view_seed, device, workers, overwrite):
+@options_of(DumpConfig, exclude=[n for n in DumpConfig.__dataclass_fields__ if n not in FIRST], archs=ARCH_HELP)
+@options_of(DumpConfig, exclude=FIRST)
+def dump(**options):
     """Run the teacher once over the training set; cache its logits and difficulty scores in a Zarr
     store. A killed dump resumes when run again; under torchrun the ranks share the work."""
     from kdcache.device import rank
     from kdcache.dump import dump as run_dump
 
-    attrs = run_dump(teacher=teacher, checkpoint=checkpoint, pretrained=pretrained, data=data, out=out,
-                     batch_size=batch_size, chunk_rows=chunk_rows, topk=topk, temperature=temperature, sample=sample,
-                     sample_seed=sample_seed, views=views, view_seed=view_seed, device=device, workers=workers,
-                     overwrite=overwrite)
+    attrs = run_dump(DumpConfig(**options))
     if rank() == 0:
-        click.echo(f"{attrs['num_samples']} samples, teacher {teacher} accuracy "
-                   f"{100 * attrs['teacher_accuracy']:.2f}% -> {out}")
+        click.echo(f"{attrs['num_samples']} samples, teacher {options['teacher']} accuracy "
+                   f"{100 * attrs['teacher_accuracy']:.2f}% -> {options['out']}")
 
 
 @click.command()
@@ -57,7 +32,7 @@ def dump(teacher, checkpoint, pretrained, data, out, batch_size, chunk_rows, top
 @click.option("--json", "as_json", is_flag=True, default=False, **SHOW, help="Print JSON.")
 def info(store, as_json):
     """Describe a kdcache STORE (path or URL): arrays, teacher, accuracy, completeness, scores."""
-    from kdcache.store import TRAIN_FINGERPRINT, describe_store
+    from kdcache.store import TRAIN_FINGERPRINT, describe_store, views_of
 
     d = describe_store(store)
     if as_json:
@@ -83,7 +58,7 @@ def info(store, as_json):
         form = (f"top-{a['topk']} at temperature {a['temperature']:g}" if a.get("topk")
                 else f"{a['sample']} draws at temperature {a['temperature']:g}, classes + counts" if a.get("sample")
                 else "all logits, any temperature")
-        if (a.get("views") or 1) > 1:
+        if views_of(a) > 1:
             form += f"; {a['views']} stored views ({a['view_recipe']}, seed {a['view_seed']}) with their parameters"
         lines.append(f"bytes      {d['bytes_per_sample']} per sample of teacher output ({form})")
     lines.append("arrays")

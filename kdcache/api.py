@@ -11,9 +11,9 @@ rows (C per sample) are dense. See docs/api.md.
 """
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,7 +21,8 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from . import store as S
-from .distill import DEFAULT_TEMPERATURE, kd_loss
+from .config import DEFAULT_TEMPERATURE
+from .distill import kd_loss
 from .errors import UserError
 
 POSITION_KEYS = "position"  # the key of a sample of an in-memory source (CIFAR, MNIST): its position in the split

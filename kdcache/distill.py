@@ -6,8 +6,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import DEFAULT_TEMPERATURE
-
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor, alpha: float,
             temperature: float, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,7 +13,6 @@ import shlex
 import signal
 import sys
 import threading
-import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -21,12 +20,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import store
+from . import crops, store
 from .augment import VIEW_RECIPE, apply_view, view_params
-from .beton import DatasetInfo, dataset_info
-from .device import init_distributed, rank, resolve_device, world_size
+from .beton import CROP_RATIO, DatasetInfo, dataset_info
 from .config import DumpConfig
+from .device import init_distributed, rank, resolve_device, world_size
 from .errors import UserError
+from .files import now
 from .loader import Batches
 from .models import last_linear
 from .scores import TEACHER_SCORES, teacher_scores
@@ -98,7 +98,9 @@ def prepare_store(url: str, attrs: dict, overwrite: bool) -> None:
         group = store.create_store(url, attrs, overwrite=old is not None)
     store.create_logit_arrays(group, num_samples=attrs["num_samples"], num_classes=attrs["num_classes"],
                               chunk_rows=attrs["chunk_rows"], topk=attrs["topk"], sample=attrs["sample"],
-                              scores=TEACHER_SCORES, views=attrs["views"])
+                              scores=TEACHER_SCORES, views=attrs["views"],
+                              view_layout=(3, "int8") if attrs["view_recipe"] in (None, VIEW_RECIPE) else
+                              (crops.PARAMS, "uint16"))
 
 
 class _Writer(threading.Thread):
@@ -236,13 +238,13 @@ def dump(cfg: DumpConfig | None = None, /, *, progress: bool = True, **options) 
     multi = cfg.views > 1
     targets = {"topk": topk, "temperature": cfg.temperature if topk or sample else None,  # full logits: any
                "sample": sample, "sample_seed": cfg.sample_seed if sample else None, "views": cfg.views,
-               "view_seed": cfg.view_seed if multi else None, "view_recipe": VIEW_RECIPE if multi else None}
+               "view_seed": cfg.view_seed if multi else None, "view_recipe": crops.view_recipe(info) if multi else None}
     dev = resolve_device(cfg.device)
     distributed = init_distributed(dev)
     try:
         model, ident = load_teacher(cfg.teacher, cfg.checkpoint, cfg.pretrained, info, dev)
         attrs = store.root_attrs(store.LOGITS_KIND, info, teacher=cfg.teacher, **ident, teacher_accuracy=None,
-                                 command=shlex.join(sys.argv), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                 command=shlex.join(sys.argv), created=now(),
                                  chunk_rows=cfg.chunk_rows, **targets)
         _prepare_on_rank0(cfg.out, attrs, cfg.overwrite, distributed)
         group = store.open_store(cfg.out, "r+")
@@ -286,9 +288,6 @@ def _check_options(info: DatasetInfo, batch_size: int, chunk_rows: int, topk: in
         raise UserError("give either --topk or --sample, not both")
     if views < 1:
         raise UserError(f"--views must be at least 1, got {views}")
-    if views > 1 and not info.small:
-        raise UserError(f"--views needs small images (the pad-4 crop + flip recipe); {info.path} is an image "
-                        "folder, whose random-resized crops cannot be stored and replayed yet")
 
 
 def _prepare_on_rank0(out: str, attrs: dict, overwrite: bool, distributed: bool) -> None:
@@ -310,10 +309,9 @@ def _prepare_on_rank0(out: str, attrs: dict, overwrite: bool, distributed: bool)
 def _finish(group, out: str, num_samples: int) -> None:
     flags = group[store.CHUNKS_DONE][:]
     if not flags.all():  # another rank failed; its chunks stay to do
-        raise UserError(f"store {out} is incomplete: {int((flags == 0).sum())} of {len(flags)} "
-                        "chunks missing (run the same kdcache dump again to finish it)")
+        raise store.incomplete(out, int((flags == 0).sum()), len(flags))
     accuracy = float(group[store.CHUNK_CORRECT][:].sum() / num_samples)
-    group.update_attributes({"teacher_accuracy": accuracy, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    group.update_attributes({"teacher_accuracy": accuracy, "finished": now()})
 
 
 def _run(model, group, info: DatasetInfo, todo: list[int], *, batch_size: int, chunk_rows: int,
@@ -323,9 +321,17 @@ def _run(model, group, info: DatasetInfo, todo: list[int], *, batch_size: int, c
     n = info.size
     indices = np.concatenate([np.arange(k * chunk_rows, min((k + 1) * chunk_rows, n)) for k in todo])
     views = targets["views"]
+    folder = views > 1 and not info.small  # the clean image and each view cut from the canvas: kdcache.crops
     batches = Batches(info, batch_size=batch_size, train=False, device=dev, indices=indices,
-                      num_workers=workers, normalise=views == 1)
-    table = torch.from_numpy(view_params(targets["view_seed"], np.arange(n), views)).to(dev) if views > 1 else None
+                      num_workers=workers, normalise=views == 1, canvas=folder)
+    table = centre = None
+    if folder:
+        heights, widths = crops.image_sizes(info.path)
+        table = crops.view_params(targets["view_seed"], np.arange(n), views, heights, widths)
+        table, centre = (torch.from_numpy(t.astype(np.int32)).to(dev)
+                         for t in (table, crops.centre(heights, widths, CROP_RATIO)))
+    elif views > 1:
+        table = torch.from_numpy(view_params(targets["view_seed"], np.arange(n), views)).to(dev)
     hook: dict = {}
     fc = last_linear(model)
     handle = fc.register_forward_pre_hook(lambda module, args: hook.__setitem__("features", args[0]))
@@ -342,11 +348,16 @@ def _run(model, group, info: DatasetInfo, todo: list[int], *, batch_size: int, c
                 shown = []
                 if table is not None:  # x is raw: each view is made from it by the trainer's own function
                     params = table[index]
-                    shown = [batches.normalise(apply_view(x, params[:, v])) for v in range(views)]
-                    x = batches.normalise(x)
+                    if folder:
+                        shown = [batches.normalise(crops.apply_crop(x, params[:, v], info.image_size))
+                                 for v in range(views)]
+                        x = batches.normalise(crops.apply_crop(x, centre[index], info.image_size))
+                    else:
+                        shown = [batches.normalise(apply_view(x, params[:, v])) for v in range(views)]
+                        x = batches.normalise(x)
                 out = _batch_outputs(model, hook, x, y, targets, fc.bias is not None, shown)
                 if table is not None:
-                    out[store.VIEW_PARAMS] = params
+                    out[store.VIEW_PARAMS] = params.to(torch.uint16) if folder else params
                 out = _to_host(out, y, index)
                 # store the previous batch while the device computes this one
                 if pending is not None:

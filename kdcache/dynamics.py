@@ -21,14 +21,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import store
+from .config import AUM_FRACTION, EARLY_FRACTION
 from .device import rank
 from .errors import UserError
 
 ARRAYS = ("prob", "correct", "el2n", "margin")
 DYNUNC_WINDOW = 10  # He et al. 2023 use J = 10
-EARLY_FRACTION = 0.1  # el2n_early: Paul et al. 2021 take epoch 20 of 200
-AUM_FRACTION = 1.0    # aum: the first fraction of epochs averaged. Pleiss et al. stop before the LR decays;
-                      # a cosine schedule decays from the start, so by default every epoch counts
 
 
 @contextmanager
@@ -254,6 +252,7 @@ SCORES = {
                     "({aum_fraction:.0%} of training) and runs (Pleiss et al. 2020 average before the "
                     "learning rate decays)")),
 }
+assert tuple(SCORES) == store.DYNAMICS_SCORE_NAMES  # the store layout names them; this module describes them
 
 
 def _runs(root) -> dict:

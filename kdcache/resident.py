@@ -22,6 +22,7 @@ import torch
 
 from .augment import apply_view, choose_view, crop_flip, draw
 from .beton import DatasetInfo
+from .config import DATA_PATHS
 
 if TYPE_CHECKING:
     from .loader import Batches

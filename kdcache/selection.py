@@ -2,30 +2,13 @@
 coverage-centric selection (CCS, Zheng et al. 2023). Output: sorted sample indices plus a JSON sidecar."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .config import METHODS_HELP, SelectOptions, default_ccs_score
 from .errors import UserError
 from .files import save_npy, write_json
-
-METHODS_HELP = ("random, ccs, or any score in the store (e.g. el2n, forgetting; `kdcache info STORE` says how "
-                "each was computed, e.g. the epoch of el2n_early)")
-
-
-@dataclass(frozen=True)
-class SelectOptions:
-    """How to choose a subset, with the defaults every front end shows (one place for them)."""
-
-    method: str = "random"
-    fraction: float = 1.0
-    keep: str = "hard"            # which end of a score: the hardest samples (as in the papers) or the easiest
-    class_balanced: bool = False  # the same fraction of every class
-    ccs_beta: float = 0.1         # CCS: fraction of hardest samples dropped first (Zheng et al. 2023)
-    ccs_strata: int = 50          # CCS: equal-width score strata
-    ccs_score: str | None = None  # CCS: the score that defines the strata (None: aum where the store has it,
-                                  # as Zheng et al.'s code stratifies by AUM, else the teacher's el2n)
 
 
 def budget(fraction: float, n: int) -> int:
@@ -189,7 +172,7 @@ def choose_subset(info, method: str, fraction: float, *, store: str | None = Non
         raise UserError(f"{info.path} is the {info.split} split; select from the training beton")
     group = open_store(store, "r") if store is not None else None
     if method == "ccs" and ccs_score is None:
-        ccs_score = "aum" if group is not None and "aum" in score_names(group) else "el2n"
+        ccs_score = default_ccs_score(group is not None and "aum" in score_names(group))
     score = None if method == "random" else ccs_score if method == "ccs" else method
     if store is None and (score is not None or info is None):
         need = f"--method {method}" if score is not None else "without --data, selection"

@@ -1,54 +1,7 @@
 """`kdcache sweep PROTOCOL`: run every unfinished stage of a study written down as a protocol.
 
-Protocol format (TOML, e.g. `protocols/smoke.toml`)
----------------------------------------------------
-    name = "smoke"                 # optional; the sweep folder defaults to runs/<file stem>
-    [data]                         # `kdcache data`: source, src, num_train, num_test, num_classes,
-    source = "synthetic"           #   image_size, seed (synthetic), max_side, jpeg_quality
-    num_train = 400
-
-    [teachers.large]               # a full-data `kdcache train --alpha 0` per teacher, then its dump
-    arch = "resnet20"              # training keys (below), seed, record_dynamics
-    epochs = 3
-    record_dynamics = true         # its own dynamics store: forgetting, el2n_early, dynunc, aum
-
-    [dump]                         # `kdcache dump` options for every teacher: batch_size, chunk_rows, topk,
-                                   #   temperature, sample, sample_seed, view_seed
-
-    [defaults]                     # student keys every [[students]] table starts from
-    arch = "resnet8"
-    seed = [0, 1]
-
-    [[students]]                   # a grid: list values are crossed, scalars apply to every run
-    fraction = [0.25, 0.5]
-    method = ["random", "el2n", "forgetting", "ccs"]
-    alpha = [0, 0.9]
-
-    [report]                       # optional: kd_alpha (the KD cell of the claims, default: the best
-                                   #   alpha > 0), headline_fraction (default 0.5)
-
-Student keys: `fraction` and `alpha` (required), `method` (random, ccs or a score; default random),
-`temperature`, `seed`, `teacher` (a [teachers] name; default: the first), `online` (run the teacher in
-the loop instead of reading its cache), `views`, `topk` and `sample` (read a cache of that form, dumped
-once per teacher and form by `kdcache dump --views K / --topk K / --sample S`, at the student's
-temperature; default: the [dump] table's cache, full logits of the clean image), `scores` (the
-teacher whose cache or dynamics store supplies selection scores, the same for every student so that KD
-and no-KD runs share their subsets; default: the first teacher), `keep`, `class_balanced`, `ccs_beta`,
-`ccs_strata`, `ccs_score`, and the training keys `arch`, `epochs`, `steps`, `batch_size`, `lr`,
-`momentum`, `weight_decay`, `warmup`, `label_smoothing`, `augment`, `eval_every`, `amp`, `compile`,
-`bn_batches`. Any student key may be a table keyed by fraction instead of a value, e.g.
-`epochs = { "0.1" = 60, "0.5" = 20 }`. A relative `src` is relative to the folder `kdcache sweep` runs
-in. Unset training keys take `kdcache train`'s defaults.
-
-Stages and folders
-------------------
-Every stage's folder name carries a short hash of its fully resolved configuration, including the
-names (so hashes) of the stages it depends on: a changed protocol entry gets new folders for itself
-and everything downstream, and never reuses a stale result. A stage is finished when its completion
-marker exists (data: manifest.json; teacher and student: summary.json; dump: a complete cache;
-selection: .npy and .json); finished stages are skipped and unfinished ones resumed (`resume=True`
-for training, the dump's own chunk resumption). Alpha-0 runs ignore teacher, temperature and online,
-and random runs the selection options, so identical runs collapse into one folder.
+The protocol's format and checks: `kdcache.protocol`; its stages and their folder names: `kdcache.plan`;
+here: each stage's status and lock, the runner that builds them, and the command.
 
 Sharding and locking
 --------------------
@@ -70,9 +23,6 @@ measured seconds to `stage_times.jsonl`; `sweep.json` lists every run for `kdcac
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import inspect
-import itertools
 import json
 import math
 import os
@@ -82,363 +32,17 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .distill import DEFAULT_TEMPERATURE
-from .dump import DumpOptions
-from .dynamics import AUM_FRACTION, EARLY_FRACTION
+from .config import IMAGEFOLDER_FIELDS, SYNTHETIC_FIELDS, DumpConfig
 from .errors import UserError
-from .files import write_json
+from .files import now, write_json
+from .plan import Plan, Stage, plan, prerequisites
+from .protocol import SELECT_KEYS, TRAIN_KEYS, load_protocol
 
 SWEEP_JSON, TIMES_LOG = "sweep.json", "stage_times.jsonl"
 DIE_AFTER_ENV = "KDCACHE_SWEEP_DIE_AFTER"   # tests: SIGKILL this process during the student after that many
 TRAIN_DIE_ENV = "KDCACHE_DIE_AFTER_EPOCH"   # kdcache.train's own crash hook, used by the one above
-
-# Score names of the store layout (README): from the teacher's pass, and from training dynamics.
-TEACHER_SCORES = ("loss", "margin", "entropy", "el2n", "grand")
-DYNAMICS_SCORES = ("forgetting", "el2n_early", "dynunc", "aum")
-
-TRAIN_KEYS = {"arch": str, "epochs": int, "steps": int, "batch_size": int, "lr": float, "momentum": float,
-              "weight_decay": float, "warmup": float, "label_smoothing": float, "augment": bool,
-              "eval_every": int, "amp": str, "compile": bool, "bn_batches": int}
-SELECT_KEYS = {"keep": str, "class_balanced": bool, "ccs_beta": float, "ccs_strata": int, "ccs_score": str}
-STUDENT_KEYS = {"fraction": float, "method": str, "alpha": float, "temperature": float, "seed": int,
-                "teacher": str, "online": bool, "views": int, "topk": int, "sample": int, "scores": str,
-                **SELECT_KEYS, **TRAIN_KEYS}
-TEACHER_KEYS = {**TRAIN_KEYS, "seed": int, "record_dynamics": bool, "el2n_early_fraction": float,
-                "aum_fraction": float}
-DATA_KEYS = {"source": str, "src": str, "num_train": int, "num_test": int, "num_classes": int,
-             "image_size": int, "seed": int, "max_side": int, "jpeg_quality": int, "crop_side": int}
-DUMP_KEYS = {"batch_size": int, "chunk_rows": int, "topk": int, "temperature": float, "sample": int,
-             "sample_seed": int, "view_seed": int}
-VIEW_DUMP_KEYS = ("views", "view_seed")  # in a dump stage's config only when it stores views
-CACHE_FORMS = {"views": 1, "topk": 0, "sample": 0}  # student keys choosing a cache's form, and their "none"
-REPORT_KEYS = {"kd_alpha": float, "headline_fraction": float, "margin": float}
-TOP_KEYS = {"name", "description", "data", "teachers", "dump", "defaults", "students", "report"}
-SYNTHETIC_KEYS = ("num_train", "num_test", "num_classes", "image_size", "seed")
-
-
-# --- the protocol ----------------------------------------------------------------------------------
-
-@dataclass
-class Protocol:
-    path: Path
-    text: str
-    sha256: str
-    raw: dict
-
-
-def find_protocol(name: str) -> Path:
-    """A protocol file by path, or by bare name under protocols/ (`smoke` -> protocols/smoke.toml)."""
-    path = Path(name)
-    if not path.is_file() and not path.suffix:
-        path = Path("protocols") / f"{name}.toml"
-    if not path.is_file():
-        raise UserError(f"protocol not found: {name}")
-    return path
-
-
-def load_protocol(name: str | Path) -> Protocol:
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10: the same parser as a package
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise UserError("reading protocols needs Python 3.11 or later (tomllib), or the tomli package")
-    path = find_protocol(str(name))
-    text = path.read_text()
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: not valid TOML: {e}")
-    _check_keys(raw, TOP_KEYS, str(path))
-    for table in ("data", "teachers", "dump", "defaults", "report"):
-        if not isinstance(raw.get(table, {}), dict):
-            raise UserError(f"{path}: [{table}] must be a table")
-    if not isinstance(raw.get("students", []), list) or not raw.get("students"):
-        raise UserError(f"{path}: no [[students]] tables")
-    if not raw.get("teachers"):
-        raise UserError(f"{path}: no [teachers.NAME] tables")
-    for name, table in raw["teachers"].items():
-        if not isinstance(table, dict) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-            raise UserError(f"{path}: teachers.{name} must be a table named with letters, digits, - and _ only")
-    report = dict(raw.get("report", {}))
-    if isinstance(report.get("kd_alpha"), dict):  # one pre-set alpha per fraction
-        for key, value in report.pop("kd_alpha").items():
-            _float(key, f"{path}: [report] kd_alpha")
-            _check_value(f"kd_alpha[{key}]", value, float, f"{path}: [report]")
-    _check_table(report, REPORT_KEYS, f"{path}: [report]")
-    return Protocol(path, text, hashlib.sha256(text.encode()).hexdigest(), raw)
-
-
-def _check_keys(table: dict, known, where: str) -> None:
-    for key in table:
-        if key not in known:
-            raise UserError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
-
-
-def _check_value(key: str, value, kind: type, where: str) -> None:
-    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        ok = True
-    if not ok:
-        what = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[kind]
-        raise UserError(f"{where}: {key} must be {what}, got {value!r}")
-
-
-def _check_table(table: dict, spec: dict, where: str) -> dict:
-    _check_keys(table, spec, where)
-    for key, value in table.items():
-        _check_value(key, value, spec[key], where)
-    return dict(table)
-
-
-def _defaults() -> dict:
-    """`kdcache train`'s and the selection's defaults for the keys a protocol may leave out."""
-    import dataclasses
-
-    from .selection import SelectOptions
-    from .train import TrainConfig
-
-    train = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    select = asdict(SelectOptions())
-    out = {k: train[k] for k in TRAIN_KEYS}
-    out.update({k: select[k] for k in SELECT_KEYS})
-    out.update(method="random", temperature=train["temperature"], seed=0, online=False)
-    return out
-
-
-def _cross(table: dict) -> Iterator[dict]:
-    """Every combination of the list-valued keys; scalars (and by-fraction tables) apply to all."""
-    keys = sorted(table)
-    values = [v if isinstance(v, list) else [v] for v in (table[k] for k in keys)]
-    for combo in itertools.product(*values):
-        yield dict(zip(keys, combo))
-
-
-def _by_fraction(run: dict, where: str) -> dict:
-    """Resolve keys given as a table keyed by fraction (e.g. per-fraction epochs)."""
-    if isinstance(run["fraction"], dict):
-        raise UserError(f"{where}: fraction cannot be keyed by fraction")
-    out = dict(run)
-    for key, value in run.items():
-        if isinstance(value, dict):
-            match = [v for k, v in value.items() if _float(k, where) == run["fraction"]]
-            if not match:
-                raise UserError(f"{where}: {key} has no entry for fraction {run['fraction']:g}")
-            out[key] = match[0]
-    return out
-
-
-def _float(text: str, where: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise UserError(f"{where}: {text!r} is not a fraction")
-
-
-def student_runs(proto: Protocol) -> list[dict]:
-    """The protocol's student grid, crossed, resolved, checked and normalised (duplicates kept)."""
-    raw, defaults = proto.raw, _defaults()
-    teachers = list(raw["teachers"])
-    base = {**defaults, "teacher": teachers[0], "scores": teachers[0]}
-    runs = []
-    _check_keys(raw.get("defaults", {}), STUDENT_KEYS, f"{proto.path}: [defaults]")
-    for i, table in enumerate(raw["students"], 1):
-        where = f"{proto.path}: [[students]] #{i}"
-        if not isinstance(table, dict):
-            raise UserError(f"{where} is not a table")
-        _check_keys(table, STUDENT_KEYS, where)
-        for combo in _cross({**raw.get("defaults", {}), **table}):
-            for key in ("fraction", "alpha"):
-                if key not in combo:
-                    raise UserError(f"{where}: {key} is required")
-            run = _by_fraction({**base, **combo}, where)
-            for key, value in run.items():
-                if value is not None:
-                    _check_value(key, value, STUDENT_KEYS[key], where)
-            if run["method"] == "ccs" and run["ccs_score"] is None:  # as choose_subset would, from the store
-                run["ccs_score"] = "aum" if raw["teachers"][run["scores"]].get("record_dynamics") else "el2n"
-            _check_run(run, raw["teachers"], where)
-            runs.append(normalise(run))
-    return runs
-
-
-def _check_run(run: dict, teachers: dict, where: str) -> None:
-    if not 0 < run["fraction"] <= 1:
-        raise UserError(f"{where}: fraction must be in (0, 1], got {run['fraction']}")
-    if not 0 <= run["alpha"] <= 1:
-        raise UserError(f"{where}: alpha must be in [0, 1], got {run['alpha']}")
-    for key in ("teacher", "scores"):
-        if run[key] not in teachers:
-            raise UserError(f"{where}: {key} {run[key]!r} is not one of the teachers ({', '.join(teachers)})")
-    score = run["ccs_score"] if run["method"] == "ccs" else run["method"]
-    if run["method"] != "random" and score not in TEACHER_SCORES + DYNAMICS_SCORES:
-        known = ", ".join(("random", "ccs") + TEACHER_SCORES + DYNAMICS_SCORES)
-        raise UserError(f"{where}: unknown method or score {score!r} (known: {known})")
-    if score in DYNAMICS_SCORES and run["method"] != "random" and not teachers[run["scores"]].get("record_dynamics"):
-        raise UserError(f"{where}: {score} needs training dynamics: set record_dynamics = true on teacher "
-                        f"{run['scores']!r} (the scores teacher)")
-    if run["keep"] not in ("hard", "easy"):
-        raise UserError(f"{where}: keep must be hard or easy, got {run['keep']!r}")
-
-
-def normalise(run: dict) -> dict:
-    """Blank the keys a run does not use, so that runs that train the same way are one run."""
-    run = dict(run)
-    if run["alpha"] == 0:
-        run.update(teacher=None, online=False, temperature=None)
-    if run["fraction"] == 1:
-        run.update(method="random", class_balanced=False)
-    if run["method"] == "random":
-        run.update(scores=None, keep=None)
-    if run["method"] != "ccs":
-        run.update(ccs_beta=None, ccs_strata=None, ccs_score=None)
-    else:
-        run["keep"] = None
-    if run["teacher"] is not None and run["temperature"] is None:
-        run["temperature"] = DEFAULT_TEMPERATURE  # what the trainer would use: one run, one folder
-    for key, none in CACHE_FORMS.items():  # a key only where such a cache is read: older folders keep names
-        value = run.pop(key, None)
-        if run["teacher"] is not None and not run["online"] and value not in (None, none):
-            run[key] = value
-    for key, kind in STUDENT_KEYS.items():  # 4 and 4.0 are one value: one folder
-        if kind is float and run.get(key) is not None:
-            run[key] = float(run[key])
-    return run
-
-
-# --- stages ----------------------------------------------------------------------------------------
-
-@dataclass
-class Stage:
-    kind: str                   # data, teacher, dump, selection, student
-    name: str                   # path relative to the sweep folder; ends in the config hash
-    config: dict                # the fully resolved configuration
-    deps: list[Stage] = field(default_factory=list)
-
-    def path(self, root: Path) -> Path:
-        return root / self.name
-
-
-def short_hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-def _stage(kind: str, prefix: str, config: dict, deps: list[Stage], suffix: str = "") -> Stage:
-    from .train import TRAINER_REVISION
-
-    ident = {"kind": kind, "config": config, "deps": [d.name for d in deps]}
-    if kind in ("teacher", "student"):  # runs of another trainer are other runs, never reused
-        ident["trainer"] = TRAINER_REVISION
-    ident = short_hash(ident)
-    return Stage(kind, f"{prefix}-{ident}{suffix}", config, deps)
-
-
-@dataclass
-class Plan:
-    protocol: Protocol
-    data: Stage
-    teachers: dict[str, Stage]
-    dumps: dict[str, Stage]     # by teacher name; "<teacher>@<form>" for the other forms (cache_form)
-    students: list[Stage]       # in protocol order (the order they run in), no duplicates
-
-
-def _resolve_data(cfg: dict) -> dict:
-    """The data options with the defaults that shape this source's output filled in (so a changed
-    default is a new dataset): the generator's for synthetic data, the writer's for image folders."""
-    from .beton import convert
-    from .sources import make_synthetic
-
-    if cfg["source"] == "synthetic":
-        defaults = {k: p.default for k, p in inspect.signature(make_synthetic).parameters.items()}
-    elif cfg["source"] == "imagefolder":
-        params = inspect.signature(convert).parameters
-        defaults = {k: params[k].default for k in ("max_side", "jpeg_quality", "crop_side")}
-    else:
-        defaults = {}  # arrays stored as they are: no option changes the output
-    return {**defaults, **cfg}
-
-
-def plan(proto: Protocol) -> Plan:
-    """Every stage of the protocol, with its dependencies."""
-    raw, defaults = proto.raw, _defaults()
-    data_cfg = _check_table(raw.get("data", {}), DATA_KEYS, f"{proto.path}: [data]")
-    if "source" not in data_cfg:
-        raise UserError(f"{proto.path}: [data] needs a source")
-    data = _stage("data", "data", _resolve_data(data_cfg), [])
-    dump_cfg = {**asdict(DumpOptions()), **_check_table(raw.get("dump", {}), DUMP_KEYS,
-                                                                   f"{proto.path}: [dump]")}
-    dump_cfg.pop("device"), dump_cfg.pop("workers")  # where it runs, not what it computes
-    view_cfg = {k: dump_cfg.pop(k) for k in VIEW_DUMP_KEYS}  # single-view caches keep their earlier names
-    teachers, dumps = {}, {}
-    for name, table in raw["teachers"].items():
-        where = f"{proto.path}: [teachers.{name}]"
-        cfg = {**{k: defaults[k] for k in TRAIN_KEYS}, "seed": 0, "record_dynamics": False,
-               "el2n_early_fraction": EARLY_FRACTION, "aum_fraction": AUM_FRACTION,
-               **_check_table(table, TEACHER_KEYS, where)}
-        cfg.update({k: float(v) for k, v in cfg.items() if TEACHER_KEYS.get(k) is float and v is not None})
-        teachers[name] = _stage("teacher", f"teacher-{name}", cfg, [data])
-        dumps[name] = _stage("dump", f"cache-{name}", dump_cfg, [teachers[name]], ".zarr")
-    students: dict[str, Stage] = {}
-    selections: dict[str, Stage] = {}
-    for run in student_runs(proto):
-        form = cache_form(run)
-        if form and (key := f"{run['teacher']}@{form}") not in dumps:
-            cfg = {**dump_cfg, **(view_cfg if "views" in run else {}), **{k: run[k] for k in CACHE_FORMS if k in run}}
-            if "topk" in run or "sample" in run:
-                cfg["temperature"] = run["temperature"]  # such targets are exact at one temperature: the student's
-            dumps[key] = _stage("dump", f"cache-{run['teacher']}-{form}", cfg, [teachers[run["teacher"]]], ".zarr")
-        sel = _selection(run, data, teachers, dumps)
-        sel = selections.setdefault(sel.name, sel)
-        st = _student(run, data, sel, teachers, dumps)
-        students.setdefault(st.name, st)
-    return Plan(proto, data, teachers, dumps, list(students.values()))
-
-
-def _selection(run: dict, data: Stage, teachers: dict, dumps: dict) -> Stage:
-    cfg = {k: run[k] for k in ("fraction", "method", "seed", *SELECT_KEYS)}
-    deps = [data]
-    if run["method"] != "random":
-        score = run["ccs_score"] if run["method"] == "ccs" else run["method"]
-        deps.append(teachers[run["scores"]] if score in DYNAMICS_SCORES else dumps[run["scores"]])
-    return _stage("selection", f"selections/{run['method']}-f{run['fraction']:g}-s{run['seed']}", cfg, deps, ".npy")
-
-
-def _student(run: dict, data: Stage, sel: Stage, teachers: dict, dumps: dict) -> Stage:
-    deps = [data, sel]
-    form = cache_form(run)
-    if run["teacher"] is not None:
-        deps.append(teachers[run["teacher"]] if run["online"] else
-                    dumps[f"{run['teacher']}@{form}" if form else run["teacher"]])
-    who = "noKD" if run["teacher"] is None else run["teacher"] + ("-online" if run["online"] else "")
-    who += f"-{form}" if form else ""
-    prefix = f"students/{run['method']}-f{run['fraction']:g}-a{run['alpha']:g}-{who}-s{run['seed']}"
-    return _stage("student", prefix, run, deps)
-
-
-def cache_form(run: dict) -> str:
-    """The form of the cache a student reads, in a few characters ("" for the [dump] table's own):
-    e.g. views4, top2, sample3, views4-top2."""
-    names = {"views": "views", "topk": "top", "sample": "sample"}
-    return "-".join(f"{names[k]}{run[k]}" for k in CACHE_FORMS if k in run)
-
-
-def prerequisites(students: list[Stage]) -> list[Stage]:
-    """The stages these students need, each once, dependencies first."""
-    seen: dict[str, Stage] = {}
-
-    def visit(stage: Stage) -> None:
-        for dep in stage.deps:
-            visit(dep)
-        if stage.kind != "student":
-            seen.setdefault(stage.name, stage)
-
-    for st in students:
-        visit(st)
-    return list(seen.values())
 
 
 # --- status ----------------------------------------------------------------------------------------
@@ -559,7 +163,7 @@ class Runner:
         seconds = time.perf_counter() - t0
         entry = {"stage": stage.name, "kind": stage.kind, "seconds": round(seconds, 3),
                  "work": self.work(stage) if stage.kind == "student" else None, "shard": self.shard,
-                 "host": socket.gethostname(), "pid": os.getpid(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                 "host": socket.gethostname(), "pid": os.getpid(), "finished": now()}
         # one small O_APPEND write: lines from concurrent shards never interleave
         fd = os.open(self.root / TIMES_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -636,9 +240,9 @@ def build_data(runner: Runner, stage: Stage) -> None:
     from .sources import load_source
 
     cfg = stage.config
-    options = {k: cfg[k] for k in SYNTHETIC_KEYS if k in cfg} if cfg["source"] == "synthetic" else {}
+    options = {k: cfg[k] for k in SYNTHETIC_FIELDS if k in cfg} if cfg["source"] == "synthetic" else {}
     source = load_source(cfg["source"], cfg.get("src"), **options)
-    extra = {k: cfg[k] for k in ("max_side", "jpeg_quality", "crop_side") if k in cfg}
+    extra = {k: cfg[k] for k in IMAGEFOLDER_FIELDS if k in cfg}
     convert(source, stage.path(runner.root), num_workers=runner.workers, src=cfg.get("src"), **extra)
 
 
@@ -657,9 +261,9 @@ def build_dump(runner: Runner, stage: Stage) -> None:
 
     teacher = stage.deps[0]
     extra = {} if runner.device == "auto" else {"device": runner.device}
-    dump(teacher=teacher.config["arch"], data=_train_beton(runner), out=str(stage.path(runner.root)),
-         checkpoint=str(teacher.path(runner.root) / "model.pt"), workers=runner.workers, overwrite=False,
-         progress=False, **stage.config, **extra)
+    dump(DumpConfig(teacher=teacher.config["arch"], data=_train_beton(runner), out=str(stage.path(runner.root)),
+                    checkpoint=str(teacher.path(runner.root) / "model.pt"), workers=runner.workers, overwrite=False,
+                    **stage.config, **extra), progress=False)
 
 
 def build_selection(runner: Runner, stage: Stage) -> None:

@@ -28,24 +28,23 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import __version__
-from .augment import VIEW_RECIPE
 from .beton import DatasetInfo, dataset_info
+from .config import DATA_PATHS, DEFAULT_TEMPERATURE, WARMUP_FLOOR, SelectOptions, TrainConfig
+from .contracts import Cache
+from .crops import view_recipe
 from .device import init_distributed, rank, resolve_device, world_size
-from .distill import DEFAULT_TEMPERATURE, auto_alpha, kd_step
-from .dynamics import AUM_FRACTION, EARLY_FRACTION
+from .distill import auto_alpha, kd_step
 from .errors import UserError
 from .files import atomic, save_npy, write_json, write_lines
 from .loader import Batches
-from .resident import DATA_PATHS, ResidentBatches, make_batches
 from .models import build_model, load_teacher_checkpoint, save_checkpoint
-from .selection import SelectOptions
+from .resident import ResidentBatches, make_batches
 
 SUMMARY, METRICS, CHECKPOINT = "summary.json", "metrics.jsonl", "last.pt"
 # What training computes, beyond its options: bump it with any change that alters results (sweeps hash it,
 # so that a study never mixes runs of two trainers). 2: augmentation drawn per sample on the device,
 # BatchNorm statistics re-estimated before evaluation, a warm-up floor.
 TRAINER_REVISION = 2
-WARMUP_FLOOR = 10  # steps: `--warmup` of a short run must not round to no warm-up at all (then KD diverges)
 DIE_AFTER_ENV = "KDCACHE_DIE_AFTER_EPOCH"  # tests: SIGKILL after epoch N ("N") or between its metrics line
                                            # and its checkpoint ("N:metrics"): a hard crash at that point
 
@@ -53,58 +52,6 @@ DIE_AFTER_ENV = "KDCACHE_DIE_AFTER_EPOCH"  # tests: SIGKILL after epoch N ("N") 
 def _crash_point(point: str) -> None:
     if os.environ.get(DIE_AFTER_ENV) == point:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-@dataclass
-class TrainConfig:
-    """Every option of a training run, with its default: the CLI shows these, config.json records them."""
-
-    data: str                           # the training split's .beton
-    out: str                            # the run folder
-    test: str | None = None             # the test split's .beton (default: test.beton beside `data`)
-    arch: str = "resnet20"
-    cache: str | None = None            # teacher-logit store from `kdcache dump`
-    store: str | None = None            # where selection scores come from (default: the cache)
-    # the subset: either chosen here (None: SelectOptions' default) ...
-    fraction: float | None = None
-    method: str | None = None
-    keep: str | None = None
-    class_balanced: bool = False
-    ccs_beta: float = SelectOptions.ccs_beta
-    ccs_strata: int = SelectOptions.ccs_strata
-    ccs_score: str = SelectOptions.ccs_score
-    indices: str | None = None          # ... or given (kdcache select --out), never both
-    alpha: str = "auto"                 # a number in [0, 1] or "auto" (from the kept fraction)
-    temperature: float | None = None    # KD temperature (None: a top-k cache's own, else DEFAULT_TEMPERATURE)
-    epochs: int = 200
-    steps: int | None = None            # fixed optimisation steps (equal-compute comparisons)
-    batch_size: int = 128               # per process (so the global batch is this x the world size)
-    lr: float = 0.1                     # peak, SGD with Nesterov momentum (DeepCore's CIFAR default)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4          # not on norms and biases
-    warmup: float = 0.02                # fraction of all steps spent warming up linearly (0: none; else
-                                        # at least WARMUP_FLOOR steps, or a quarter of a shorter run)
-    bn_batches: int = 20                # before each evaluation, BatchNorm statistics re-estimated over
-                                        # this many training batches (0: off; the running averages lag
-                                        # far behind fast-moving weights in short runs)
-    label_smoothing: float = 0.0
-    augment: bool = True                # small images: random crop with 4 px padding + flip; else RRC + flip
-    seed: int = 0                       # selection, initialisation and data order
-    device: str = "auto"
-    amp: str = "bf16"                   # autocast dtype on CUDA: bf16, fp16 or off (CPU: always off)
-    compile: bool = False
-    workers: int = -1                   # FFCV loader threads (-1: all cores)
-    data_path: str = "auto"             # auto: small images resident on the device when they fit (else FFCV),
-                                        # ffcv, resident: see kdcache.resident (same batches either way)
-    eval_every: int = 1
-    teacher_online: str | None = None   # run this architecture in the loop instead of reading a cache
-    teacher_checkpoint: str | None = None
-    record_dynamics: bool = False
-    dynamics_store: str | None = None   # default: OUT/dynamics.zarr, the run's own
-    el2n_early_fraction: float = EARLY_FRACTION  # dynamics: el2n_early is EL2N this far into training
-    aum_fraction: float = AUM_FRACTION  # dynamics: AUM averages the margin over this first part of training
-    resume: bool = False                # continue the killed run in `out` (or return its summary if finished)
-    overwrite: bool = False             # start over although `out` holds a run
 
 
 # --- checking a configuration --------------------------------------------------------------------
@@ -201,12 +148,12 @@ class CachedTeacher:
     """Looks a batch's teacher rows up by sample index (and stored view): the selected rows of the cache
     are read once into a device tensor, so a step is one gather."""
 
-    def __init__(self, cache, indices: np.ndarray, num_samples: int, device: torch.device):
+    def __init__(self, cache: Cache, indices: np.ndarray, num_samples: int, device: torch.device):
         self.bytes_per_sample = cache.bytes_per_sample
-        self.temperature = getattr(cache, "temperature", None)  # the only one a top-k cache serves exactly
+        self.temperature = cache.temperature  # the only one a top-k cache serves exactly
         self.rows = torch.from_numpy(cache.logits(indices)).to(device)  # (n, C), or (n, K, C) with K views
         # the (N, K, 3) view table of a multi-view cache: what the student's loader must show
-        self.views = cache.view_params() if getattr(cache, "views", 1) > 1 else None
+        self.views = cache.view_params() if cache.views > 1 else None
         position = torch.full((num_samples,), -1, dtype=torch.long)
         position[torch.from_numpy(indices)] = torch.arange(len(indices))
         self.position = position.to(device)
@@ -247,6 +194,9 @@ def make_teacher(cfg: TrainConfig, info: DatasetInfo, indices: np.ndarray,
     if cache.views > 1 and not cfg.augment:
         raise UserError(f"cache {cfg.cache} holds targets for {cache.views} augmented views and none for the "
                         "clean image: train with augmentation on (drop --no-augment), or use a single-view cache")
+    if cache.views > 1 and cache.view_recipe != view_recipe(info):
+        raise UserError(f"cache {cfg.cache} holds views made by another recipe ({cache.view_recipe}) than this "
+                        f"data's ({view_recipe(info)}): dump it again from {cfg.data}")
     return CachedTeacher(cache, indices, info.size, device)
 
 
@@ -459,7 +409,7 @@ class Trainer:
         if isinstance(self.teacher, OnlineTeacher):
             return "the teacher run on the student's own view"
         if self.views is not None:
-            return f"{self.views.shape[1]} stored views per sample ({VIEW_RECIPE}), replayed to the student"
+            return f"{self.views.shape[1]} stored views per sample ({view_recipe(self.info)}), replayed to the student"
         return "the clean image" + (" (the student sees augmented views of it)" if self.cfg.augment else "")
 
     def _batch_size(self) -> int:
