@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from . import __version__
 from .errors import UserError
-from .files import atomic, write_json
+from .files import atomic, now, write_json
 from .sources import Source, Split
 
 MANIFEST = "manifest.json"
@@ -135,7 +134,7 @@ def convert(source: Source, out_dir: str | Path, *, max_side: int = 256, jpeg_qu
         "fingerprint": hashlib.sha256((splits["train"]["fingerprint"] + splits["test"]["fingerprint"])
                                       .encode()).hexdigest()[:32],
         "kdcache_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": now(),
     }
     write_json(out / MANIFEST, manifest)
     return manifest

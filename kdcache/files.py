@@ -3,11 +3,18 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+TIMESTAMP = "%Y-%m-%dT%H:%M:%S%z"  # local time with its UTC offset, in every record kdcache writes
+
+
+def now() -> str:
+    return time.strftime(TIMESTAMP)
 
 
 @contextmanager

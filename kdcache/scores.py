@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .store import TEACHER_SCORE_NAMES
+
 # name -> (higher_is_harder, description); the order is the column order `teacher_scores` stacks in.
 TEACHER_SCORES = {
     "loss": (True, "cross-entropy of the teacher's prediction"),
@@ -20,6 +22,7 @@ TEACHER_SCORES = {
                      "h the penultimate features (+1 only with a bias); Paul et al. take all layers early in "
                      "training")),
 }
+assert tuple(TEACHER_SCORES) == TEACHER_SCORE_NAMES  # the store layout names them; this module describes them
 
 
 def teacher_scores(logits: torch.Tensor, labels: torch.Tensor, features: torch.Tensor,

@@ -24,7 +24,8 @@ TRAIN_FINGERPRINT = "train_fingerprint"  # root attribute: the training split th
 LOGITS = "logits"                        # (N, C) float16 teacher logits; (N, V, C) with V stored views
 TOPK_VALUES = "topk_values"              # (N, K) float16 top-k log-probabilities ...  ((N, V, K) with views)
 TOPK_INDICES = "topk_indices"            # (N, K) ... and their classes, smallest unsigned type
-VIEW_PARAMS = "view_params"              # (N, V, 3) int8: each stored view's (dy, dx, flip), kdcache.augment
+VIEW_PARAMS = "view_params"              # (N, V, 3) int8: each stored view's (dy, dx, flip), kdcache.augment;
+                                         # image folders (N, V, 5) uint16 crop boxes + flip, kdcache.crops
 SAMPLE_CLASSES = "sample_classes"        # (N, min(S, C)) classes drawn from the tempered teacher ...
 SAMPLE_COUNTS = "sample_counts"          # ... and how often each was drawn (of S); (N, V, min(S, C)) with views
 LABELS = "labels"                        # (N,) int64
@@ -34,6 +35,9 @@ CHUNKS_DONE = "chunks_done"              # (chunks,) uint8: 1 once that chunk's 
 CHUNK_CORRECT = "chunk_correct"          # (chunks,) int64: the teacher's correct predictions per chunk
 SCORES = "scores"                        # group: scores/<name> (N,) float32, attrs higher_is_harder, description
 DYNAMICS = "dynamics"                    # group: dynamics/<run>/<array> (N, epochs), see kdcache.dynamics
+# the score names under scores/: the teacher pass's (kdcache.scores) and training dynamics' (kdcache.dynamics)
+TEACHER_SCORE_NAMES = ("loss", "margin", "entropy", "el2n", "grand")
+DYNAMICS_SCORE_NAMES = ("forgetting", "el2n_early", "dynunc", "aum")
 BOOKKEEPING = (CHUNKS_DONE, CHUNK_CORRECT)
 WHOLE_ARRAY_ROWS = 65536                 # rows per zarr chunk of arrays written whole (labels, scores)
 
@@ -185,7 +189,7 @@ def num_chunks(num_samples: int, chunk_rows: int) -> int:
 
 def create_logit_arrays(group: zarr.Group, *, num_samples: int, num_classes: int, chunk_rows: int,
                         topk: int | None, sample: int | None, scores: dict[str, tuple[bool, str]],
-                        views: int = 1) -> None:
+                        views: int = 1, view_layout: tuple[int, str] = (3, "int8")) -> None:
     """The arrays of a logit cache, empty: teacher outputs (full, top-k or sampled; per stored view when `views`
     > 1, with the views' parameters), labels, `scores` (name -> (higher_is_harder, description)) and the
     per-chunk bookkeeping, created last: its presence means every other array exists."""
@@ -193,7 +197,9 @@ def create_logit_arrays(group: zarr.Group, *, num_samples: int, num_classes: int
     rows = min(chunk_rows, max(n, 1))
     per_view = (views,) if views > 1 else ()
     if views > 1:
-        group.create_array(VIEW_PARAMS, shape=(n, views, 3), dtype="int8", chunks=(rows, views, 3), overwrite=True)
+        width, dtype = view_layout  # per view: (dy, dx, flip) int8, or kdcache.crops' (y0, x0, y1, x1, flip) uint16
+        group.create_array(VIEW_PARAMS, shape=(n, views, width), dtype=dtype, chunks=(rows, views, width),
+                           overwrite=True)
     if sample:
         k = min(sample, c)
         group.create_array(SAMPLE_CLASSES, shape=(n, *per_view, k), dtype=index_dtype(c),
@@ -229,8 +235,17 @@ def chunk_status(group: zarr.Group) -> tuple[int, int]:
 def check_complete(group: zarr.Group, url: str) -> None:
     done, total = chunk_status(group)
     if done < total:
-        raise UserError(f"store {url} is incomplete: {total - done} of {total} chunks missing "
-                        "(run the same kdcache dump again to finish it)")
+        raise incomplete(url, total - done, total)
+
+
+def incomplete(url: str, missing: int, total: int) -> UserError:
+    return UserError(f"store {url} is incomplete: {missing} of {total} chunks missing "
+                     "(run the same kdcache dump again to finish it)")
+
+
+def views_of(attrs) -> int:
+    """A store's views per sample: stores written before views existed have no such attribute and hold one."""
+    return int(attrs.get("views") or 1)
 
 
 class LogitCache:
@@ -255,7 +270,8 @@ class LogitCache:
         self.num_classes = int(self.attrs["num_classes"])
         self.topk = self.attrs.get("topk")
         self.sample = self.attrs.get("sample")
-        self.views = int(self.attrs.get("views") or 1)  # 1: the clean image's outputs
+        self.views = views_of(self.attrs)  # 1: the clean image's outputs
+        self.view_recipe = self.attrs.get("view_recipe")  # what a stored view is (views > 1)
         # the temperature a top-k or sampled cache's targets are exact at; None for full logits, which
         # serve any temperature
         self.temperature = self.attrs.get("temperature") if self.topk or self.sample else None
@@ -268,7 +284,8 @@ class LogitCache:
         return self._arrays[name]
 
     def view_params(self) -> np.ndarray:
-        """(N, V, 3) int8: the stored views' (dy, dx, flip), for the loader to replay (V > 1 only)."""
+        """(N, V, 3) int8 (dy, dx, flip), or an image folder's (N, V, 5) uint16 crops (kdcache.crops): the
+        stored views, for the loader to replay (V > 1 only)."""
         return self._array(VIEW_PARAMS)
 
     def logits(self, indices: np.ndarray) -> np.ndarray:

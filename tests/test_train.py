@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import SUBPROCESS_TIMEOUT, run_cli
 
+from kdcache.contracts import Cache
 from kdcache.distill import auto_alpha, kd_loss
 
 FAST = ["--arch", "resnet20", "--batch-size", 32, "--workers", 1, "--lr", 0.05]
@@ -99,10 +100,15 @@ def test_cached_logits_reach_their_samples(synth):
     from kdcache.train import CachedTeacher
 
     class IndexCache:  # row i encodes i in its first column
-        num_classes, bytes_per_sample = 4, 8
+        num_classes, bytes_per_sample, temperature, views = 4, 8, None, 1
 
         def logits(self, indices):
             return np.stack([indices, -indices, indices * 2, indices * 3], 1).astype(np.float32)
+
+        def view_params(self):
+            raise AssertionError("a single-view cache has no view table")
+
+    assert isinstance(IndexCache(), Cache)
 
     info = dataset_info(synth / "train.beton")
     chosen = np.arange(3, 400, 5)
@@ -162,6 +168,7 @@ def kill_at(args: list, out, point: str) -> None:
 
 
 @pytest.mark.parametrize("augment", ["--no-augment", "--augment"])  # augmentations are seeded too
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted(synth, tmp_path, augment):
     args = ["train", "--data", synth / "train.beton", "--indices", _indices(tmp_path, 128), "--alpha", 0,
             "--epochs", 2, augment, *FAST]
@@ -271,6 +278,7 @@ np.save(f"{sys.argv[2]}/rank{dist.get_rank()}.npy", np.stack(epochs))
 """
 
 
+@pytest.mark.slow
 def test_distributed_ranks_see_disjoint_shares(synth, tmp_path):
     (tmp_path / "share.py").write_text(SHARE_SCRIPT)
     torchrun(tmp_path / "share.py", synth / "train.beton", tmp_path, 200)
@@ -282,6 +290,7 @@ def test_distributed_ranks_see_disjoint_shares(synth, tmp_path):
     assert not np.array_equal(r0[0], r0[1])
 
 
+@pytest.mark.slow
 def test_two_process_ddp_run_records_dynamics(synth, tmp_path):
     out = tmp_path / "ddp"
     torchrun("-m", "kdcache_cli.main", "train", "--data", synth / "train.beton", "--out", out, "--fraction", 1,
@@ -361,6 +370,7 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_zero():
     assert lr_at(0, 100, 0, 0.4) == pytest.approx(0.4)  # no warm-up
 
 
+@pytest.mark.slow
 def test_resume_drops_metrics_written_after_the_last_checkpoint(synth, tmp_path):
     """Killed between an epoch's metrics line and its checkpoint: the resumed run drops that line and
     redoes the epoch, ending as the uninterrupted run."""
@@ -393,6 +403,7 @@ def test_cache_with_another_number_of_classes_is_refused(synth, tmp_path):
     assert r.output.strip() == f"error: cache {url} has 5 classes, the dataset has 4"
 
 
+@pytest.mark.slow
 def test_uneven_subset_under_two_ranks_repeats_exactly_one_sample(synth, tmp_path):
     """101 samples on 2 ranks: FFCV pads the shorter share so that both ranks take the same steps (DDP
     needs that), so per epoch every sample is seen and exactly world - 1 = 1 of them twice."""
@@ -466,6 +477,7 @@ def test_training_on_an_image_folder_with_a_torchvision_model(tmp_path):
     assert isinstance(model.maxpool, torch.nn.Identity)
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_its_last_epoch_resumes_to_its_result(synth, tmp_path):
     """Killed after the last epoch's checkpoint, before the summary: resuming trains nothing more and
     the summary carries the last evaluation."""

@@ -1,0 +1,20 @@
+"""The teacher and cache interfaces (kdcache.contracts) hold for the real classes."""
+import numpy as np
+import torch
+
+from kdcache.beton import dataset_info
+from kdcache.contracts import Cache, Teacher
+from kdcache.store import LogitCache
+from kdcache.train import CachedTeacher, OnlineTeacher
+
+
+def test_real_caches_and_teachers_satisfy_the_contracts(synth, cache):
+    info = dataset_info(synth / "train.beton")
+    logits = LogitCache(str(cache), info)
+    assert isinstance(logits, Cache) and logits.views == 1 and logits.temperature is None
+    cached = CachedTeacher(logits, np.arange(0, 400, 7), info.size, torch.device("cpu"))
+    online = OnlineTeacher(torch.nn.Flatten())
+    for teacher in (cached, online):
+        assert isinstance(teacher, Teacher)
+    index = torch.tensor([0, 14])
+    assert torch.equal(cached(None, index), torch.from_numpy(logits.logits(index.numpy())))
