@@ -7,7 +7,7 @@ APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo paper views targets smoke lint bench bench-loader bench-dump bench-train bench-study bench-gpu bench-host clean
+.PHONY: install test test-fast demo paper views targets smoke lint bench bench-loader bench-dump bench-train bench-study bench-gpu bench-host clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ $(STAMP): setup.cfg pyproject.toml
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The inner loop: every test but those marked slow (processes spawned, long training); under 2 minutes.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: install
 	$(KDCACHE) demo --out runs/demo $(DEMO_ARGS)

@@ -8,6 +8,7 @@ import pytest
 from conftest import ROOT, SUBPROCESS_TIMEOUT
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_runs_at_toy_size_on_cpu(tmp_path):
     # (f) on "real" images carried as an .npz, the form a GPU machine gets them in (see --make-real)
     real = tmp_path / "real.npz"

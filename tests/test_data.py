@@ -157,6 +157,7 @@ def test_real_cifar10(tmp_path):
     assert abs(m["mean"][0] - 125.3) < 0.5
 
 
+@pytest.mark.slow
 def test_bad_inputs(tmp_path):
     r = run_console("data", "cifar10", "--src", tmp_path / "missing", "--out", tmp_path / "o")
     assert r.returncode == 2 and r.stderr.strip() == f"error: CIFAR-10 folder not found: {tmp_path / 'missing'}"

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from kdcache_cli.demo import main
 
 TINY = ["--source", "synthetic", "--data-option", "num-train=400", "--data-option", "num-test=200",
@@ -8,6 +9,7 @@ TINY = ["--source", "synthetic", "--data-option", "num-train=400", "--data-optio
         "--teacher-lr", "0.05", "--fraction", "0.25", "--workers", "1"]
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage_then_reuses_them(tmp_path, capsys):
     out = tmp_path / "demo"
     summary = main(["--out", str(out), *TINY])
@@ -47,6 +49,7 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert again["this_run_seconds"] < summary["this_run_seconds"]
 
 
+@pytest.mark.slow
 def test_demo_rerun_with_other_options_redoes_what_they_change(tmp_path, capsys):
     out = tmp_path / "demo"
     main(["--out", str(out), *TINY])

@@ -246,6 +246,7 @@ def test_sampled_store_holds_draws_from_the_tempered_teacher(synth, teacher, tmp
     assert json.loads((tmp_path / "student" / "config.json").read_text())["temperature_resolved"] == 2.0
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(synth, teacher, full, tmp_path):
     out = tmp_path / "cache.zarr"
     env = {**os.environ, "KDCACHE_DIE_AFTER_CHUNKS": "2"}
@@ -263,6 +264,7 @@ def test_kill_and_resume_equals_uninterrupted(synth, teacher, full, tmp_path):
     assert_same_store(out, full)
 
 
+@pytest.mark.slow
 def test_two_process_dump_equals_single_process(synth, teacher, full, tmp_path):
     out = tmp_path / "cache.zarr"
     run = subprocess.run(

@@ -224,6 +224,7 @@ def _distributed_worker(rank, world, port, url, info, logits, labels):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_recorder_all_reduces_across_ranks(info, tmp_path):
     n = info.size
     labels = torch.as_tensor(beton_labels(info.path))

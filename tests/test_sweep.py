@@ -65,6 +65,7 @@ def swept(tmp_path_factory):
                            resumed=resumed)
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_and_leaves_finished_runs_alone(swept):
     shard0 = {s.name for s in shard_of(swept.students, 0, 2)}
     shard1 = [s.name for s in shard_of(swept.students, 1, 2)]
@@ -83,6 +84,7 @@ def test_killed_sweep_resumes_and_leaves_finished_runs_alone(swept):
     assert "[2/21]" in swept.resumed and "ETA" in swept.resumed
 
 
+@pytest.mark.slow
 def test_two_shards_run_every_student_exactly_once(swept):
     log = [e for e in read_times(swept.out) if e["kind"] == "student"]
     names = [e["stage"] for e in log]
@@ -95,6 +97,7 @@ def test_two_shards_run_every_student_exactly_once(swept):
     assert "ETA unknown" in swept.first and "ETA 00:" in swept.first
 
 
+@pytest.mark.slow
 def test_rerun_skips_every_finished_stage(swept):
     before, log = mtimes(swept.out), read_times(swept.out)
     result = run_cli("sweep", PROTOCOL, "--out", swept.out, "--workers", 1)
@@ -103,6 +106,7 @@ def test_rerun_skips_every_finished_stage(swept):
     assert mtimes(swept.out) == before  # sweep.json too: rewritten only when the protocol changes
 
 
+@pytest.mark.slow
 def test_dry_run_lists_statuses(swept):
     assert "42 students in this shard (of 42): 23 done, 0 running, 1 partial, 18 todo" in swept.dry
     assert f"partial  student   {swept.partial[0].removeprefix('students/')}" in swept.dry
@@ -112,6 +116,7 @@ def test_dry_run_lists_statuses(swept):
     assert "21 students in this shard (of 42): 21 done, 0 running, 0 partial, 0 todo" in now
 
 
+@pytest.mark.slow
 def test_changed_protocol_entry_gets_new_folders(swept, tmp_path):
     text = PROTOCOL.read_text()
     old = plan(load_protocol(PROTOCOL))
@@ -147,6 +152,7 @@ def direct_cells(out: Path) -> dict[str, dict]:
     return cells
 
 
+@pytest.mark.slow
 def test_report_numbers_equal_a_direct_computation(swept, tmp_path):
     result = run_cli("report", swept.out, "--out", tmp_path)
     assert result.output.count("claim ") == 8

@@ -135,6 +135,7 @@ def test_sampled_multiview_store_draws_from_each_views_teacher(synth, teacher, m
     assert np.array_equal(one_view[:, 0], clean)
 
 
+@pytest.mark.slow
 def test_killed_multiview_dump_resumes_to_the_same_store(synth, teacher, multi, tmp_path):
     out = tmp_path / "cache.zarr"
     args = dump_args(synth, teacher, out, "--views", VIEWS, "--view-seed", 7)
