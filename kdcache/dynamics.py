@@ -125,19 +125,19 @@ class DynamicsRecorder:
     touches the store."""
 
     def __init__(self, url: str, info, epochs: int, *, run: str = "seed0", labels: np.ndarray | None = None,
-                 early_fraction: float = EARLY_FRACTION, aum_fraction: float = AUM_FRACTION,
+                 el2n_early_fraction: float = EARLY_FRACTION, aum_fraction: float = AUM_FRACTION,
                  device: str | torch.device = "cpu", resume: bool = False):
         """`info`: the training split's DatasetInfo; `labels`: its labels in index order, stored with the
         dynamics so that `kdcache select --store` needs no beton (read from the beton when not given)."""
         if epochs < 1:
             raise UserError(f"cannot record dynamics over {epochs} epochs")
-        for name, value in (("el2n-early", early_fraction), ("aum", aum_fraction)):
+        for name, value in (("el2n-early", el2n_early_fraction), ("aum", aum_fraction)):
             if not 0 < value <= 1:
                 raise UserError(f"--{name}-fraction must be in (0, 1], got {value}")
         self.aum_fraction = aum_fraction
         if not run or "/" in run:
             raise UserError(f"bad dynamics run name {run!r}")
-        self.url, self.run, self.epochs, self.early_fraction = str(url), run, epochs, early_fraction
+        self.url, self.run, self.epochs, self.el2n_early_fraction = str(url), run, epochs, el2n_early_fraction
         self.num_samples = info.size
         self.device = torch.device(device)
         # rows: summed prob, correct, el2n, margin, and the number of times the sample was seen
@@ -190,7 +190,8 @@ class DynamicsRecorder:
             int8 = a == "correct"
             group.create_array(a, shape=(self.num_samples, self.epochs), dtype="int8" if int8 else "float32",
                                chunks=chunks, fill_value=-1 if int8 else np.nan, overwrite=True)
-        group.attrs.update({"epochs": self.epochs, "epochs_written": [], "early_fraction": self.early_fraction,
+        group.attrs.update({"epochs": self.epochs, "epochs_written": [],
+                            "early_fraction": self.el2n_early_fraction,  # the stored name: older stores have it
                             "description": "per-sample training dynamics; row = sample index, column = epoch; "
                                            "NaN (correct: -1) = not seen that epoch"})
         return group
@@ -234,7 +235,8 @@ class DynamicsRecorder:
         their names (on rank 0; other ranks return [])."""
         if self.rank != 0:
             return []
-        return write_dynamics_scores(self.root, early_fraction=self.early_fraction, aum_fraction=self.aum_fraction)
+        return write_dynamics_scores(self.root, el2n_early_fraction=self.el2n_early_fraction,
+                                     aum_fraction=self.aum_fraction)
 
 
 # name -> (higher_is_harder, description); {placeholders} are filled in from the recorded runs
@@ -243,7 +245,7 @@ SCORES = {
     "forgetting": (True, ("forgetting events over training epochs, mean over runs (Toneva et al. 2019); "
                           "never-learned samples get epochs + 1, so they rank hardest as in Toneva et al. "
                           "(DeepCore ranks them easiest)")),
-    "el2n_early": (True, ("EL2N at the end of epoch {early} ({early_fraction:.0%} into training; Paul et al. "
+    "el2n_early": (True, ("EL2N at the end of epoch {early} ({el2n_early_fraction:.0%} into training; Paul et al. "
                           "2021 take epoch 20 of 200), mean over runs; " + TRAINING_PASS)),
     "dynunc": (True, (f"dynamic uncertainty: std of the true-class probability over {DYNUNC_WINDOW}-epoch "
                       "windows, mean over windows and runs (He et al. 2023), " + TRAINING_PASS + "; He et al. "
@@ -262,7 +264,7 @@ def _runs(root) -> dict:
     return {name: group for name, group in sorted(root[store.DYNAMICS].groups()) if all(a in group for a in ARRAYS)}
 
 
-def write_dynamics_scores(root, *, early_fraction: float = EARLY_FRACTION, aum_fraction: float = AUM_FRACTION,
+def write_dynamics_scores(root, *, el2n_early_fraction: float = EARLY_FRACTION, aum_fraction: float = AUM_FRACTION,
                           window: int = DYNUNC_WINDOW, block_rows: int = store.WHOLE_ARRAY_ROWS) -> list[str]:
     """Compute forgetting, el2n_early, dynunc and aum from all recorded runs (mean over runs); write
     them to scores/; return the names written. Works through row blocks to bound memory."""
@@ -279,7 +281,7 @@ def write_dynamics_scores(root, *, early_fraction: float = EARLY_FRACTION, aum_f
         correct = group["correct"][rows]
         epochs = prob.shape[1]
         values = {"forgetting": forgetting_events(correct),
-                  "el2n_early": el2n_early([el2n], early_epoch(epochs, early_fraction)),
+                  "el2n_early": el2n_early([el2n], early_epoch(epochs, el2n_early_fraction)),
                   "dynunc": dynamic_uncertainty(prob, window),
                   "aum": aum(margin, aum_fraction)}
         for name, v in values.items():
@@ -287,8 +289,8 @@ def write_dynamics_scores(root, *, early_fraction: float = EARLY_FRACTION, aum_f
             sums[name][rows][ok] += v[ok]
             counts[name][rows][ok] += 1
     epochs = sorted({group["prob"].shape[1] for group in runs.values()})
-    facts = {"early": " / ".join(str(early_epoch(e, early_fraction) + 1) for e in epochs),
-             "early_fraction": early_fraction, "aum_fraction": aum_fraction,
+    facts = {"early": " / ".join(str(early_epoch(e, el2n_early_fraction) + 1) for e in epochs),
+             "el2n_early_fraction": el2n_early_fraction, "aum_fraction": aum_fraction,
              "aum_last": " / ".join(str(aum_epochs(e, aum_fraction)) for e in epochs)}
     written = []
     for name, (higher_is_harder, description) in SCORES.items():

@@ -42,7 +42,6 @@ from .protocol import SELECT_KEYS, TRAIN_KEYS, load_protocol
 
 SWEEP_JSON, TIMES_LOG = "sweep.json", "stage_times.jsonl"
 DIE_AFTER_ENV = "KDCACHE_SWEEP_DIE_AFTER"   # tests: SIGKILL this process during the student after that many
-TRAIN_DIE_ENV = "KDCACHE_DIE_AFTER_EPOCH"   # kdcache.train's own crash hook, used by the one above
 
 
 # --- status ----------------------------------------------------------------------------------------
@@ -223,7 +222,8 @@ class Runner:
 
     def train_student(self, st: Stage) -> None:
         crash = self.die_after is not None and self.trained == self.die_after
-        if crash:
+        if crash:  # through kdcache.train's own crash hook: after the student's first epoch
+            from .train import DIE_AFTER_ENV as TRAIN_DIE_ENV
             os.environ[TRAIN_DIE_ENV] = "1"
         build_student(self, st)
         if crash:  # kdcache.train lost its crash hook: die anyway, between runs

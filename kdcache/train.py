@@ -483,7 +483,7 @@ class Trainer:
         from .dynamics import DynamicsRecorder
         return DynamicsRecorder(self.cfg.dynamics_store or str(self.out / "dynamics.zarr"), self.info,
                                 self.schedule.epochs, run=f"seed{self.cfg.seed}", labels=labels,
-                                early_fraction=self.cfg.el2n_early_fraction, aum_fraction=self.cfg.aum_fraction,
+                                el2n_early_fraction=self.cfg.el2n_early_fraction, aum_fraction=self.cfg.aum_fraction,
                                 device=self.device, resume=self.start_epoch > 0)
 
     def _wrap(self, model: nn.Module) -> nn.Module:

@@ -69,6 +69,34 @@ def teacher(synth, tmp_path_factory) -> Path:
     return out
 
 
+def make_teacher(path: Path, seed: int) -> Path:
+    """A seeded, untrained resnet20 checkpoint for `synth` whose outputs differ clearly per sample."""
+    import torch
+    from torch import nn
+
+    from kdcache.models import build_model, save_checkpoint
+
+    torch.manual_seed(seed)
+    model = build_model("resnet20", 4, 16)
+    with torch.no_grad():  # random BatchNorm statistics, so that outputs differ clearly per sample
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2)
+        model.fc.weight.mul_(20)
+    save_checkpoint(path, model, arch="resnet20", num_classes=4, image_size=16)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory) -> Path:
+    """`make_teacher`'s seed-0 checkpoint: a teacher file for dump tests that need no trained teacher."""
+    return make_teacher(tmp_path_factory.mktemp("ckpt") / "teacher.pt", seed=0)
+
+
+# 400 samples of `synth` in chunks of 128: four chunks, the last one partial
+DUMP = ("--batch-size", 64, "--chunk-rows", 128, "--workers", 1)
+
+
 @pytest.fixture(scope="session")
 def cache(synth, teacher, tmp_path_factory) -> Path:
     """The teacher's logits and scores dumped from `synth`."""

@@ -1,5 +1,4 @@
 """The small-image augmentation: crop with 4 px zero padding + flip, drawn from (seed, epoch, index)."""
-import json
 
 import numpy as np
 import pytest
@@ -7,6 +6,7 @@ import torch
 from conftest import run_cli
 
 from kdcache.augment import crop_flip, draw
+from kdcache.train import read_metrics
 
 
 def test_crop_flip_matches_a_direct_computation():
@@ -42,10 +42,10 @@ def test_the_same_command_twice_gives_the_same_run(synth, tmp_path, augment):
     runs = []
     for name in ("a", "b"):
         run_cli(*args, "--out", tmp_path / name)
-        runs.append([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
+        runs.append(read_metrics(tmp_path / name))
     for a, b in zip(*runs):
         for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
             assert a[key] == b[key], key
     run_cli(*args, "--seed", 1, "--out", tmp_path / "c")
-    other = json.loads((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()[0])
+    other = read_metrics(tmp_path / "c")[0]
     assert other["train_loss"] != runs[0][0]["train_loss"]

@@ -3,6 +3,8 @@ import json
 import pytest
 from kdcache_cli.demo import main
 
+from kdcache.train import read_metrics
+
 TINY = ["--source", "synthetic", "--data-option", "num-train=400", "--data-option", "num-test=200",
         "--data-option", "num-classes=4", "--data-option", "image-size=16", "--teacher-epochs", "2",
         "--student-epochs", "2", "--eval-every", "1", "--batch-size", "32", "--lr", "0.05",
@@ -34,7 +36,7 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert set(on_disk["stage_seconds"]) == set(stages)
     for key in ("data", "teacher", "cache", "summary", "plot"):
         assert on_disk["outputs"][key]
-    assert [r["epoch"] for r in map(json.loads, (out / "student-random-kd" / "metrics.jsonl").open())] == [1, 2]
+    assert [r["epoch"] for r in read_metrics(out / "student-random-kd")] == [1, 2]
     for line in ("teacher (resnet20, all data)", "student: random 0.25, cached KD", "bytes per sample"):
         assert line in printed
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,46 +8,28 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SUBPROCESS_TIMEOUT, manifest, read_beton, run_cli
+from conftest import DUMP, SUBPROCESS_TIMEOUT, make_teacher, manifest, read_beton, run_cli
 from torch import nn
 
+from kdcache.dump import DIE_AFTER_ENV
 from kdcache.errors import UserError
 from kdcache.scores import TEACHER_SCORES, teacher_scores
 from kdcache.store import LogitCache, open_store
+from kdcache.train import read_metrics
 
-# 400 samples in chunks of 128: four chunks, the last one partial
-DUMP = ("--batch-size", 64, "--chunk-rows", 128, "--workers", 1)
 ARRAYS = ["logits", "labels"] + [f"scores/{name}" for name in TEACHER_SCORES]
 
 
-def make_teacher(path, seed):
-    from kdcache.models import build_model, save_checkpoint
-    torch.manual_seed(seed)
-    model = build_model("resnet20", 4, 16)
-    with torch.no_grad():  # random BatchNorm statistics, so that outputs differ clearly per sample
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2)
-        model.fc.weight.mul_(20)
-    save_checkpoint(path, model, arch="resnet20", num_classes=4, image_size=16)
-    return path
-
-
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return make_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt", seed=0)
-
-
-@pytest.fixture(scope="module")
-def full(synth, teacher, tmp_path_factory):
+def full(synth, ckpt, tmp_path_factory):
     """An uninterrupted single-process dump: the reference every other dump must equal."""
     out = tmp_path_factory.mktemp("full") / "cache.zarr"
-    run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+    run_cli("dump", "--teacher", "resnet20", "--checkpoint", ckpt, "--data", synth / "train.beton",
             "--out", out, *DUMP)
     return out
 
 
-def direct_outputs(synth, teacher):
+def direct_outputs(synth, ckpt):
     """The teacher applied directly to every training image (no loader, no store), by sample index."""
     from kdcache.models import last_linear, load_checkpoint
     images, labels, index = read_beton(synth / "train.beton")
@@ -56,7 +38,7 @@ def direct_outputs(synth, teacher):
     m = manifest(synth)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
     x = (x - torch.tensor(m["mean"]).view(1, 3, 1, 1)) / torch.tensor(m["std"]).view(1, 3, 1, 1)
-    model, _ = load_checkpoint(teacher)
+    model, _ = load_checkpoint(ckpt)
     feats = {}
     last_linear(model).register_forward_pre_hook(lambda mod, a: feats.__setitem__("h", a[0]))
     with torch.no_grad():
@@ -105,9 +87,9 @@ def test_scores_equal_direct_reference_computations():
     assert sat["entropy"].item() == 0 and sat["loss"].item() == 0
 
 
-def test_store_holds_the_teachers_outputs(synth, teacher, full):
+def test_store_holds_the_teachers_outputs(synth, ckpt, full):
     from kdcache.beton import dataset_info
-    _, logits, labels, h = direct_outputs(synth, teacher)
+    _, logits, labels, h = direct_outputs(synth, ckpt)
     cache = LogitCache(str(full), dataset_info(synth / "train.beton"))
     got = cache.logits(np.arange(400))
     # equal to the teacher's outputs to float16 precision
@@ -125,7 +107,7 @@ def test_store_holds_the_teachers_outputs(synth, teacher, full):
     assert a["train_fingerprint"] == manifest(synth)["splits"]["train"]["fingerprint"]
     assert a["manifest"]["num_classes"] == 4 and a["teacher"] == "resnet20"
     from kdcache.models import sha256_file
-    assert a["checkpoint_sha256"] == sha256_file(teacher)
+    assert a["checkpoint_sha256"] == sha256_file(ckpt)
     assert a["schema_version"] == 2 and a["kdcache_version"] and a["created"] and "pytest" in a["command"]
     assert (a["num_samples"], a["num_classes"], a["chunk_rows"], a["topk"]) == (400, 4, 128, None)
     assert g["logits"].dtype == np.float16 and g["logits"].chunks == (128, 4)
@@ -140,10 +122,10 @@ def test_store_holds_the_teachers_outputs(synth, teacher, full):
     assert d["scores"]["margin"]["higher_is_harder"] is False
 
 
-def test_topk_store_rebuilds_the_distribution(synth, teacher, tmp_path):
-    _, logits, _, _ = direct_outputs(synth, teacher)
+def test_topk_store_rebuilds_the_distribution(synth, ckpt, tmp_path):
+    _, logits, _, _ = direct_outputs(synth, ckpt)
     out = tmp_path / "top2.zarr"
-    run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+    run_cli("dump", "--teacher", "resnet20", "--checkpoint", ckpt, "--data", synth / "train.beton",
             "--out", out, "--topk", 2, "--temperature", 1, *DUMP)
     g = open_store(str(out))
     assert "logits" not in g and g["topk_indices"].dtype == np.uint8 and g["topk_values"].dtype == np.float16
@@ -166,12 +148,12 @@ def test_topk_store_rebuilds_the_distribution(synth, teacher, tmp_path):
 
 
 @pytest.mark.parametrize("t", [1.0, 2.0, 4.0])
-def test_topk_target_is_the_tempered_teacher_on_its_top_k(synth, teacher, tmp_path, t):
+def test_topk_target_is_the_tempered_teacher_on_its_top_k(synth, ckpt, tmp_path, t):
     """What a student gets from a top-k cache at temperature T, computed directly from full logits:
     the teacher's softmax(z / T) on its top k classes, the rest of that mass spread evenly."""
-    _, logits, labels, _ = direct_outputs(synth, teacher)
+    _, logits, labels, _ = direct_outputs(synth, ckpt)
     out = tmp_path / "top2.zarr"
-    run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+    run_cli("dump", "--teacher", "resnet20", "--checkpoint", ckpt, "--data", synth / "train.beton",
             "--out", out, "--topk", 2, "--temperature", t, *DUMP)
     cache = LogitCache(str(out))
     assert cache.temperature == t and open_store(str(out)).attrs["temperature"] == t
@@ -188,9 +170,9 @@ def test_topk_target_is_the_tempered_teacher_on_its_top_k(synth, teacher, tmp_pa
     assert kl.item() == pytest.approx(reference.item(), rel=2e-3, abs=1e-5)
 
 
-def test_topk_cache_sets_the_students_temperature_and_refuses_another(synth, teacher, tmp_path):
+def test_topk_cache_sets_the_students_temperature_and_refuses_another(synth, ckpt, tmp_path):
     out = tmp_path / "top2.zarr"
-    run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+    run_cli("dump", "--teacher", "resnet20", "--checkpoint", ckpt, "--data", synth / "train.beton",
             "--out", out, "--topk", 2, "--temperature", 2, *DUMP)
     assert "top-2 at temperature 2" in run_cli("info", out).output
     student = ["train", "--data", synth / "train.beton", "--cache", out, "--fraction", 0.25, "--alpha", 0.9,
@@ -201,19 +183,19 @@ def test_topk_cache_sets_the_students_temperature_and_refuses_another(synth, tea
     run_cli(*student, "--out", tmp_path / "default")
     assert json.loads((tmp_path / "default" / "config.json").read_text())["temperature_resolved"] == 2.0
     # resuming the dump at another temperature is refused too: it would mix two targets in one store
-    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", ckpt, "--data", synth / "train.beton",
                 "--out", out, "--topk", 2, "--temperature", 4, *DUMP, expect=2)
     assert "has another temperature (2.0, this dump: 4.0)" in r.output
 
 
-def test_sampled_store_holds_draws_from_the_tempered_teacher(synth, teacher, tmp_path):
+def test_sampled_store_holds_draws_from_the_tempered_teacher(synth, ckpt, tmp_path):
     from kdcache.sparse import sample_targets
 
-    _, logits, _, _ = direct_outputs(synth, teacher)
+    _, logits, _, _ = direct_outputs(synth, ckpt)
     stores = []
     for batch in (64, 32):  # the draws depend on (seed, index, draw) only, not on the batches
         out = tmp_path / f"b{batch}.zarr"
-        run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+        run_cli("dump", "--teacher", "resnet20", "--checkpoint", ckpt, "--data", synth / "train.beton",
                 "--out", out, "--sample", 3, "--temperature", 2, "--batch-size", batch, "--chunk-rows", 128,
                 "--workers", 1)
         stores.append(open_store(str(out)))
@@ -234,23 +216,23 @@ def test_sampled_store_holds_draws_from_the_tempered_teacher(synth, teacher, tmp
     np.put_along_axis(want, classes.astype(np.int64), counts / 3, axis=1)
     np.testing.assert_allclose(q, want, atol=1e-6)
     assert "3 draws at temperature 2, classes + counts" in run_cli("info", tmp_path / "b64.zarr").output
-    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", ckpt, "--data", synth / "train.beton",
                 "--out", tmp_path / "x.zarr", "--sample", 3, "--topk", 2, *DUMP, expect=2)
     assert "give either --topk or --sample, not both" in r.output
     # a student distils from it at its temperature: finite losses despite the zero entries
     run_cli("train", "--data", synth / "train.beton", "--cache", tmp_path / "b64.zarr", "--fraction", 0.25,
             "--alpha", 0.9, "--steps", 2, "--eval-every", 100, "--arch", "resnet8", "--batch-size", 32,
             "--workers", 1, "--out", tmp_path / "student")
-    rows = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "student")
     assert 0 < rows[0]["train_kl"] < 10 and np.isfinite(rows[0]["train_loss"])
     assert json.loads((tmp_path / "student" / "config.json").read_text())["temperature_resolved"] == 2.0
 
 
 @pytest.mark.slow
-def test_kill_and_resume_equals_uninterrupted(synth, teacher, full, tmp_path):
+def test_kill_and_resume_equals_uninterrupted(synth, ckpt, full, tmp_path):
     out = tmp_path / "cache.zarr"
-    env = {**os.environ, "KDCACHE_DIE_AFTER_CHUNKS": "2"}
-    args = ["dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+    env = {**os.environ, DIE_AFTER_ENV: "2"}
+    args = ["dump", "--teacher", "resnet20", "--checkpoint", ckpt, "--data", synth / "train.beton",
             "--out", out, *DUMP]
     run = subprocess.run([sys.executable, "-m", "kdcache_cli.main", *map(str, args)], env=env, check=False,
                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
@@ -265,11 +247,11 @@ def test_kill_and_resume_equals_uninterrupted(synth, teacher, full, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_dump_equals_single_process(synth, teacher, full, tmp_path):
+def test_two_process_dump_equals_single_process(synth, ckpt, full, tmp_path):
     out = tmp_path / "cache.zarr"
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "kdcache_cli.main", "dump", "--teacher", "resnet20", "--checkpoint", str(teacher),
+         "-m", "kdcache_cli.main", "dump", "--teacher", "resnet20", "--checkpoint", str(ckpt),
          "--data", str(synth / "train.beton"), "--out", str(out), "--device", "cpu", *map(str, DUMP)],
         check=False, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -277,22 +259,22 @@ def test_two_process_dump_equals_single_process(synth, teacher, full, tmp_path):
     assert_same_store(out, full)
 
 
-def test_mismatched_store_is_refused_until_overwrite(synth, teacher, full, tmp_path):
+def test_mismatched_store_is_refused_until_overwrite(synth, ckpt, full, tmp_path):
     out = tmp_path / "cache.zarr"
     shutil.copytree(full, out)
     data = ("--data", synth / "train.beton", "--out", out, *DUMP)
     other = make_teacher(tmp_path / "other.pt", seed=1)
     r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", other, *data, expect=2)
     assert "another checkpoint SHA-256" in r.output and "--overwrite" in r.output
-    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, *data, "--topk", 3, expect=2)
+    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", ckpt, *data, "--topk", 3, expect=2)
     assert f"store {out} has another topk (none, this dump: 3)" in r.output  # the user's words, not Python's
-    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", ckpt, "--data", synth / "train.beton",
                 "--out", out, "--batch-size", 64, "--chunk-rows", 64, "--workers", 1, expect=2)
     assert f"store {out} has another chunk rows (128, this dump: 64)" in r.output
 
     g = open_store(str(out), "r+")
     g.attrs["train_fingerprint"] = "0" * 32  # as if made from another dataset
-    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, *data, expect=2)
+    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", ckpt, *data, expect=2)
     assert "another train fingerprint" in r.output
     from kdcache.beton import dataset_info
     with pytest.raises(UserError, match=f"store {out} was made from another dataset"):  # as given, no file://
@@ -304,31 +286,31 @@ def test_mismatched_store_is_refused_until_overwrite(synth, teacher, full, tmp_p
     assert not np.array_equal(read_all(out)["logits"], read_all(full)["logits"])
 
 
-def test_user_mistakes_are_one_line_errors(synth, teacher, tmp_path):
+def test_user_mistakes_are_one_line_errors(synth, ckpt, tmp_path):
     base = ("--data", synth / "train.beton", "--out", tmp_path / "s.zarr")
     cases = [
-        (("--teacher", "resnet32", "--checkpoint", teacher), "holds a resnet20"),
+        (("--teacher", "resnet32", "--checkpoint", ckpt), "holds a resnet20"),
         (("--teacher", "resnet20"), "exactly one of --checkpoint PATH and --pretrained"),
-        (("--teacher", "resnet20", "--checkpoint", teacher, "--batch-size", 100), "multiple of --batch-size"),
-        (("--teacher", "resnet20", "--checkpoint", teacher, "--topk", 4), "--topk must be between 1 and 3"),
+        (("--teacher", "resnet20", "--checkpoint", ckpt, "--batch-size", 100), "multiple of --batch-size"),
+        (("--teacher", "resnet20", "--checkpoint", ckpt, "--topk", 4), "--topk must be between 1 and 3"),
     ]
     for args, message in cases:
         r = run_cli("dump", *args, *base, expect=2)
         assert message in r.output and "Traceback" not in r.output
-    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "test.beton",
+    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", ckpt, "--data", synth / "test.beton",
                 "--out", tmp_path / "s.zarr", expect=2)
     assert "training split" in r.output
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
-    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", ckpt, "--data", synth / "train.beton",
                 "--out", tmp_path / "notes", "--overwrite", expect=2)
     assert "is not a kdcache store" in r.output and (tmp_path / "notes" / "keep.txt").exists()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), 1e6])  # NaN, and finite in float32 but beyond float16's range
-def test_non_finite_output_names_first_bad_sample(synth, teacher, tmp_path, monkeypatch, bad):
+def test_non_finite_output_names_first_bad_sample(synth, ckpt, tmp_path, monkeypatch, bad):
     import kdcache.dump
-    x, _, _, _ = direct_outputs(synth, teacher)
+    x, _, _, _ = direct_outputs(synth, ckpt)
     targets = x.mean((1, 2, 3))[[300, 170]]  # two samples past the first chunk, which is written fine
 
     def is_bad(images):
@@ -352,6 +334,6 @@ def test_non_finite_output_names_first_bad_sample(synth, teacher, tmp_path, monk
         return Faulty(model), ident
 
     monkeypatch.setattr(kdcache.dump, "load_teacher", load_faulty)
-    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", ckpt, "--data", synth / "train.beton",
                 "--out", tmp_path / "s.zarr", *DUMP, expect=2)
     assert f"outputs for sample {expected} are not finite" in r.output

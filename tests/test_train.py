@@ -12,6 +12,7 @@ from conftest import SUBPROCESS_TIMEOUT, run_cli
 
 from kdcache.contracts import Cache
 from kdcache.distill import auto_alpha, kd_loss
+from kdcache.train import DIE_AFTER_ENV, METRICS, read_metrics
 
 FAST = ["--arch", "resnet20", "--batch-size", 32, "--workers", 1, "--lr", 0.05]
 
@@ -118,10 +119,6 @@ def test_cached_logits_reach_their_samples(synth):
         assert torch.equal(rows[:, 0].long(), index) and torch.equal(rows[:, 2].long(), 2 * index)
 
 
-def read_metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_short_run_learns_and_writes_outputs(synth, tmp_path):
     out = tmp_path / "run"
     r = run_cli("train", "--data", synth / "train.beton", "--out", out, "--fraction", 1, "--alpha", 0,
@@ -162,7 +159,7 @@ def _indices(tmp_path, n):
 def kill_at(args: list, out, point: str) -> None:
     """Run `kdcache *args --out out` in a process that SIGKILLs itself at `point` (see train.DIE_AFTER_ENV)."""
     p = subprocess.run([sys.executable, "-m", "kdcache_cli.main", *map(str, args), "--out", str(out)],
-                       env={**os.environ, "KDCACHE_DIE_AFTER_EPOCH": point}, capture_output=True, text=True,
+                       env={**os.environ, DIE_AFTER_ENV: point}, capture_output=True, text=True,
                        timeout=SUBPROCESS_TIMEOUT)
     assert p.returncode == -9, p.stderr[-2000:]
 
@@ -210,7 +207,7 @@ def test_bad_inputs(synth, tmp_path, args, message):
     r = run_cli("train", "--data", synth / "train.beton", "--out", tmp_path / "bad", "--alpha", 0, *args,
                 expect=2)
     assert message in r.output
-    assert not (tmp_path / "bad" / "metrics.jsonl").exists()  # refused before any training
+    assert not (tmp_path / "bad" / METRICS).exists()  # refused before any training
 
 
 def test_cached_and_online_kd_agree_on_first_batch(synth, teacher, cache, tmp_path):

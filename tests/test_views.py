@@ -7,31 +7,26 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import SUBPROCESS_TIMEOUT, manifest, read_beton, run_cli
-from test_dump import DUMP, make_teacher
+from conftest import DUMP, SUBPROCESS_TIMEOUT, manifest, read_beton, run_cli
 
 from kdcache.augment import apply_view, choose_view, view_params
 from kdcache.beton import dataset_info
+from kdcache.dump import DIE_AFTER_ENV
 from kdcache.errors import UserError
 from kdcache.store import LogitCache, open_store
 
 VIEWS = 3
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return make_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt", seed=0)
-
-
-def dump_args(synth, teacher, out, *extra):
-    return ("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", synth / "train.beton",
+def dump_args(synth, ckpt, out, *extra):
+    return ("dump", "--teacher", "resnet20", "--checkpoint", ckpt, "--data", synth / "train.beton",
             "--out", out, *DUMP, *extra)
 
 
 @pytest.fixture(scope="module")
-def multi(synth, teacher, tmp_path_factory):
+def multi(synth, ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("multi") / "cache.zarr"
-    run_cli(*dump_args(synth, teacher, out, "--views", VIEWS, "--view-seed", 7))
+    run_cli(*dump_args(synth, ckpt, out, "--views", VIEWS, "--view-seed", 7))
     return out
 
 
@@ -61,7 +56,7 @@ def test_views_are_a_function_of_seed_sample_and_view():
     assert len(np.unique(shown[0])) == 4 and np.array_equal(shown[4], shown[0])
 
 
-def test_store_holds_the_teacher_on_each_stored_view(synth, teacher, multi, tmp_path):
+def test_store_holds_the_teacher_on_each_stored_view(synth, ckpt, multi, tmp_path):
     from kdcache.models import load_checkpoint
 
     g = open_store(str(multi))
@@ -74,7 +69,7 @@ def test_store_holds_the_teacher_on_each_stored_view(synth, teacher, multi, tmp_
     assert logits.shape == (n, VIEWS, 4) and logits.dtype == np.float16
     # the teacher run directly on each view's pixels, made by the loader's own function
     raw, labels = raw_images(synth)
-    model, _ = load_checkpoint(teacher)
+    model, _ = load_checkpoint(ckpt)
     with torch.no_grad():
         for v in range(VIEWS):
             want = model(normalise(apply_view(raw, torch.from_numpy(table[:, v])), manifest(synth)))
@@ -83,7 +78,7 @@ def test_store_holds_the_teacher_on_each_stored_view(synth, teacher, multi, tmp_
     assert views_differ.mean() > 0.5
     # scores and accuracy stay those of the clean image: the same as a single-view dump's
     single = tmp_path / "single.zarr"
-    run_cli(*dump_args(synth, teacher, single))
+    run_cli(*dump_args(synth, ckpt, single))
     s = open_store(str(single))
     for name in ("el2n", "grand", "margin"):
         np.testing.assert_array_equal(g["scores"][name][:], s["scores"][name][:], err_msg=name)
@@ -96,9 +91,9 @@ def test_store_holds_the_teacher_on_each_stored_view(synth, teacher, multi, tmp_
     assert f"{VIEWS * 11} per sample" in out and f"{VIEWS} stored views (pad4-crop-flip, seed 7)" in out
 
 
-def test_topk_multiview_store_rebuilds_each_views_target(synth, teacher, multi, tmp_path):
+def test_topk_multiview_store_rebuilds_each_views_target(synth, ckpt, multi, tmp_path):
     out = tmp_path / "topk.zarr"
-    run_cli(*dump_args(synth, teacher, out, "--views", VIEWS, "--view-seed", 7, "--topk", 2, "--temperature", 2))
+    run_cli(*dump_args(synth, ckpt, out, "--views", VIEWS, "--view-seed", 7, "--topk", 2, "--temperature", 2))
     full = open_store(str(multi))["logits"][:].astype(np.float32)
     rows = LogitCache(str(out)).logits(np.arange(len(full)))
     assert rows.shape == full.shape
@@ -108,11 +103,11 @@ def test_topk_multiview_store_rebuilds_each_views_target(synth, teacher, multi, 
     np.testing.assert_allclose(np.sort(q, -1)[..., -2:], top2, atol=2e-3)  # each view's own top 2
 
 
-def test_sampled_multiview_store_draws_from_each_views_teacher(synth, teacher, multi, tmp_path):
+def test_sampled_multiview_store_draws_from_each_views_teacher(synth, ckpt, multi, tmp_path):
     from kdcache.sparse import sample_targets
 
     out = tmp_path / "sampled.zarr"
-    run_cli(*dump_args(synth, teacher, out, "--views", VIEWS, "--view-seed", 7, "--sample", 5,
+    run_cli(*dump_args(synth, ckpt, out, "--views", VIEWS, "--view-seed", 7, "--sample", 5,
                        "--temperature", 2, "--sample-seed", 3))
     g = open_store(str(out))
     full = open_store(str(multi))["logits"][:].astype(np.float32)
@@ -136,11 +131,11 @@ def test_sampled_multiview_store_draws_from_each_views_teacher(synth, teacher, m
 
 
 @pytest.mark.slow
-def test_killed_multiview_dump_resumes_to_the_same_store(synth, teacher, multi, tmp_path):
+def test_killed_multiview_dump_resumes_to_the_same_store(synth, ckpt, multi, tmp_path):
     out = tmp_path / "cache.zarr"
-    args = dump_args(synth, teacher, out, "--views", VIEWS, "--view-seed", 7)
+    args = dump_args(synth, ckpt, out, "--views", VIEWS, "--view-seed", 7)
     run = subprocess.run([sys.executable, "-m", "kdcache_cli.main", *map(str, args)],
-                         env={**os.environ, "KDCACHE_DIE_AFTER_CHUNKS": "2"}, capture_output=True, text=True,
+                         env={**os.environ, DIE_AFTER_ENV: "2"}, capture_output=True, text=True,
                          timeout=SUBPROCESS_TIMEOUT)
     assert run.returncode == -9, run.stderr
     with pytest.raises(UserError, match="2 of 4 chunks missing"):
@@ -149,11 +144,11 @@ def test_killed_multiview_dump_resumes_to_the_same_store(synth, teacher, multi, 
     a, b = open_store(str(out)), open_store(str(multi))
     for name in ("logits", "view_params", "labels", "scores/el2n"):
         np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=name)
-    r = run_cli(*dump_args(synth, teacher, out, "--views", 2, "--view-seed", 7), expect=2)
+    r = run_cli(*dump_args(synth, ckpt, out, "--views", 2, "--view-seed", 7), expect=2)
     assert "has another number of views (3, this dump: 2)" in r.output
 
 
-def test_student_sees_exactly_the_stored_view_its_target_is_for(synth, multi, teacher):
+def test_student_sees_exactly_the_stored_view_its_target_is_for(synth, multi, ckpt):
     from kdcache.loader import Batches
     from kdcache.models import load_checkpoint
     from kdcache.train import CachedTeacher
@@ -166,7 +161,7 @@ def test_student_sees_exactly_the_stored_view_its_target_is_for(synth, multi, te
     raw, _ = raw_images(synth)
     batches = Batches(info, batch_size=32, train=True, indices=chosen, seed=5, views=cached.views, num_workers=1)
     logits = open_store(str(multi))["logits"][:].astype(np.float32)
-    model, _ = load_checkpoint(teacher)
+    model, _ = load_checkpoint(ckpt)
     for epoch in range(2):
         seen = []
         for x, _, index, view in batches:
@@ -196,16 +191,16 @@ def test_training_from_a_multiview_cache(synth, multi, tmp_path):
     assert "none for the clean image" in r.output and "Traceback" not in r.output
 
 
-def test_view_mistakes_are_one_line_errors(synth, teacher, multi, tmp_path):
+def test_view_mistakes_are_one_line_errors(synth, ckpt, multi, tmp_path):
     for extra, message in [(("--views", 0), "--views must be at least 1")]:
-        r = run_cli(*dump_args(synth, teacher, tmp_path / "s.zarr", *extra), expect=2)
+        r = run_cli(*dump_args(synth, ckpt, tmp_path / "s.zarr", *extra), expect=2)
         assert message in r.output and "Traceback" not in r.output
     # image folders: random-resized crops are not a recipe views can store yet
     from test_data import make_image_folder
     make_image_folder(tmp_path / "src", np.random.default_rng(0))
     run_cli("data", "imagefolder", "--src", tmp_path / "src", "--out", tmp_path / "folder", "--max-side", 32,
             "--workers", 1)
-    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher, "--data", tmp_path / "folder" / "train.beton",
+    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", ckpt, "--data", tmp_path / "folder" / "train.beton",
                 "--out", tmp_path / "f.zarr", "--views", 2, expect=2)
     assert "--views needs small images" in r.output and "Traceback" not in r.output
     # a multi-view store of another dataset
@@ -217,14 +212,14 @@ def test_view_mistakes_are_one_line_errors(synth, teacher, multi, tmp_path):
     assert "was made from another dataset" in r.output and not (tmp_path / "x").exists()
 
 
-def test_a_store_made_before_views_existed_resumes(synth, teacher, tmp_path):
+def test_a_store_made_before_views_existed_resumes(synth, ckpt, tmp_path):
     out = tmp_path / "old.zarr"
-    run_cli(*dump_args(synth, teacher, out))
+    run_cli(*dump_args(synth, ckpt, out))
     g = open_store(str(out), "r+")
     attrs = {k: v for k, v in g.attrs.asdict().items() if k not in ("views", "view_seed", "view_recipe")}
     g.attrs.put(attrs)  # as an earlier kdcache wrote it
     assert "views" not in open_store(str(out)).attrs
-    run_cli(*dump_args(synth, teacher, out))  # the same dump again: nothing to do, no refusal
+    run_cli(*dump_args(synth, ckpt, out))  # the same dump again: nothing to do, no refusal
     assert LogitCache(str(out)).views == 1
-    r = run_cli(*dump_args(synth, teacher, out, "--views", 2), expect=2)
+    r = run_cli(*dump_args(synth, ckpt, out, "--views", 2), expect=2)
     assert "has another number of views (1, this dump: 2)" in r.output
