@@ -6,6 +6,7 @@ torch: reading a protocol must not pay for it.
 
 Field metadata (see `option`): `help`; `show`, the default shown in `--help` when the field's own
 default means "decided later"; `choices`; `negatable` (`--x/--no-x`); `path` (a click.Path);
+`result=False` on options that do not change what a run computes (a resumed run may change them);
 `protocol`, where a study's protocol sets the field: "train" (teachers and students), "teacher",
 "student", "data", "dump", "select", or "runner" (set by the sweep from its stages and its own options,
 never written in a protocol).
@@ -147,7 +148,7 @@ class TrainConfig:
     selection group's other fields) or given by `indices`, never both."""
 
     data: str = option(help="Training .beton (from `kdcache data`).", path=True, protocol="runner")
-    out: str = option(help="Run folder for config, metrics, model.", path=True, protocol="runner")
+    out: str = option(help="Run folder for config, metrics, model.", path=True, result=False, protocol="runner")
     test: str | None = option(None, "Test .beton [default: test.beton beside --data].", path=True,
                               protocol="runner")
     arch: str = option("resnet20", "Student model: {archs}.", protocol="train")
@@ -183,14 +184,17 @@ class TrainConfig:
                                  "(both seeded).",
                            negatable=True, protocol="train")
     seed: int = option(0, "Seed for selection, initialisation and data order.", protocol="student")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N.", protocol="runner")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.", result=False, protocol="runner")
     amp: str = option("bf16", "Autocast on CUDA (CPU: always off).", choices=AMP_MODES, protocol="train")
     compile: bool = option(False, "torch.compile the student.", protocol="train")
-    workers: int = option(-1, "FFCV loader threads (-1: all cores).", protocol="runner")
+    workers: int = option(-1, "FFCV loader threads (-1: all cores).", result=False, protocol="runner")
     data_path: str = option("auto", "auto: images of 64 px or less kept on the device when they fit its budget "
                                     "(docs/resident.md), else FFCV; the batches are the same either way.",
-                            choices=DATA_PATHS, protocol="runner")
+                            choices=DATA_PATHS, result=False, protocol="runner")
     eval_every: int = option(1, "Evaluate on the test set every N epochs.", protocol="train")
+    eval_batch_size: int = option(512, "Test-set batch size: larger is faster on a GPU, smaller fits less memory "
+                                       "(evaluation runs in eval mode, so the accuracy does not depend on it).",
+                                  result=False, protocol="runner")
     teacher_online: str | None = option(None, "Run this teacher in the loop instead of reading a cache.",
                                         protocol="runner")
     teacher_checkpoint: str | None = option(None, "Checkpoint of --teacher-online.", path=True, protocol="runner")
@@ -202,6 +206,7 @@ class TrainConfig:
     aum_fraction: float = option(AUM_FRACTION, "Dynamics: AUM averages the margin over this first part of "
                                  "training (Pleiss et al. stop before the learning rate decays; cosine decays "
                                  "from the start).", protocol="teacher")
-    resume: bool = option(False, "Continue a killed run in --out from its last epoch.", protocol="runner")
-    overwrite: bool = option(False, "Start over although --out holds a run (finished or killed).",
+    resume: bool = option(False, "Continue a killed run in --out from its last epoch.", result=False,
+                          protocol="runner")
+    overwrite: bool = option(False, "Start over although --out holds a run (finished or killed).", result=False,
                              protocol="runner")

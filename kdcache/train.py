@@ -65,7 +65,7 @@ def validate(cfg: TrainConfig) -> tuple[DatasetInfo, DatasetInfo, float | None]:
     if cfg.fraction is not None and not 0 < cfg.fraction <= 1:
         raise UserError(f"--fraction must be in (0, 1], got {cfg.fraction}")
     alpha = _alpha(cfg.alpha)
-    for name in ("epochs", "batch_size", "eval_every"):
+    for name in ("epochs", "batch_size", "eval_every", "eval_batch_size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.bn_batches < 0:
@@ -295,7 +295,8 @@ def check_out(cfg: TrainConfig) -> dict | None:
     return None
 
 
-NOT_RESULTS = {"out", "resume", "overwrite", "workers", "device", "data_path"}  # options that do not change what a run computes
+# options that do not change what a run computes: a resumed run may change them
+NOT_RESULTS = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("result") is False}
 
 
 def _check_same_options(cfg: TrainConfig, out: Path) -> None:
@@ -380,8 +381,8 @@ class Trainer:
         self.train_batches = make_batches(info, path=cfg.data_path, batch_size=self.batch_size, train=True,
                                           augment=cfg.augment, device=device, indices=self.indices, seed=cfg.seed,
                                           views=self.views, distributed=self.world > 1, num_workers=cfg.workers)
-        self.test_batches = make_batches(test_info, path=cfg.data_path, batch_size=512, train=False, device=device,
-                                         num_workers=cfg.workers)
+        self.test_batches = make_batches(test_info, path=cfg.data_path, batch_size=cfg.eval_batch_size, train=False,
+                                         device=device, num_workers=cfg.workers)
         self.bn_batches = self._bn_batches()
         self.schedule = Schedule.of(cfg, len(self.train_batches))
         self.opt = make_optimizer(self.model, cfg)
