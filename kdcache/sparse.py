@@ -37,9 +37,3 @@ def sample_targets(probs: np.ndarray, index: np.ndarray, draws: int, seed: int) 
     counts = np.take_along_axis(counts, classes, axis=1)
     return classes.reshape(*shape, k), counts.reshape(*shape, k)
 
-
-def target(classes: np.ndarray, counts: np.ndarray, num_classes: int) -> np.ndarray:
-    """The sparse target q = counts / draws as (..., C) float64, zero off the drawn classes."""
-    q = np.zeros((*classes.shape[:-1], num_classes))
-    np.put_along_axis(q, classes.astype(np.int64), counts / counts.sum(-1, keepdims=True), axis=-1)
-    return q

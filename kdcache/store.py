@@ -243,6 +243,14 @@ def incomplete(url: str, missing: int, total: int) -> UserError:
                      "(run the same kdcache dump again to finish it)")
 
 
+def sampled_target(classes: np.ndarray, counts: np.ndarray, num_classes: int) -> np.ndarray:
+    """A sampled store's target q = counts / draws as (..., C) float64, zero off the drawn classes
+    (kdcache.sparse draws them)."""
+    q = np.zeros((*classes.shape[:-1], num_classes))
+    np.put_along_axis(q, classes.astype(np.int64), counts / counts.sum(-1, keepdims=True), axis=-1)
+    return q
+
+
 def views_of(attrs) -> int:
     """A store's views per sample: stores written before views existed have no such attribute and hold one."""
     return int(attrs.get("views") or 1)
@@ -301,8 +309,8 @@ class LogitCache:
         zero elsewhere: an unbiased estimate of the tempered teacher, again served at Ts only."""
         indices = np.asarray(indices, dtype=np.int64)
         if self.sample:
-            from .sparse import target
-            q = target(self._array(SAMPLE_CLASSES)[indices], self._array(SAMPLE_COUNTS)[indices], self.num_classes)
+            q = sampled_target(self._array(SAMPLE_CLASSES)[indices], self._array(SAMPLE_COUNTS)[indices],
+                               self.num_classes)
             # undrawn classes: a floor far below float16's smallest probability rather than -inf, which the
             # KL's log-target form would turn into 0 * inf
             return (self.temperature * np.log(np.maximum(q, 1e-30))).astype(np.float32)

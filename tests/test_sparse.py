@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from kdcache.sparse import sample_targets, target, uniforms
+from kdcache.sparse import sample_targets, uniforms
+from kdcache.store import sampled_target
 
 
 def tempered(logits: np.ndarray, t: float) -> np.ndarray:
@@ -27,7 +28,7 @@ def test_sampled_target_averages_to_the_tempered_distribution(t):
         probs = np.repeat(p_row[None], n, axis=0)
         classes, counts = sample_targets(probs, np.arange(row * n, (row + 1) * n), s, seed=7)
         assert classes.shape == counts.shape == (n, 8) and (counts.sum(1) == s).all()
-        mean = target(classes, counts, 10).mean(0)
+        mean = sampled_target(classes, counts, 10).mean(0)
         bound = 5 * np.sqrt(p_row * (1 - p_row) / (s * n)) + 1e-12
         assert (np.abs(mean - p_row) <= bound).all(), (row, mean - p_row, bound)
 
@@ -50,5 +51,5 @@ def test_classes_are_distinct_most_drawn_first_and_never_improbable():
     assert classes.shape == (2, 4)
     for c, k in zip(classes, counts):
         assert len(set(c.tolist())) == 4 and (np.diff(k) <= 0).all() and k.sum() == 6
-    q = target(classes, counts, 4)
+    q = sampled_target(classes, counts, 4)
     assert (q[0, 2:] == 0).all() and q[1].tolist() == [0, 0, 0, 1]  # a class of probability 0 is never drawn
