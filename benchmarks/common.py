@@ -47,12 +47,8 @@ def machine(dev: torch.device) -> str:
 def beton_arrays(beton: Path) -> tuple[np.ndarray, np.ndarray]:
     """Every image (N, H, W, 3) uint8 and label of a small-image beton, in sample-index order: the very
     pixels kdcache's loader reads, for a baseline loader or a smaller copy."""
-    from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
+    from kdcache.beton import read_beton
 
-    loader = Loader(str(beton), batch_size=512, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
-                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()], "index": [IntDecoder()]})
-    images, labels, index = zip(*((np.array(x), np.array(y).ravel(), np.array(i).ravel()) for x, y, i in loader))
-    order = np.argsort(np.concatenate(index))
-    return np.concatenate(images)[order], np.concatenate(labels)[order]
+    images, labels, index = read_beton(beton)
+    order = np.argsort(index)
+    return images[order], labels[order]

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import click
 
 from kdcache.files import atomic, write_json
-from kdcache.store import is_finished_cache
+from kdcache.store import is_complete_cache
 from kdcache.train import read_metrics
 
 SHOW = {"show_default": True}
@@ -138,7 +138,7 @@ def run(args) -> dict:
     stage("teacher", (teacher / "summary.json").is_file(),
           ["train", "--data", train_beton, "--out", teacher, "--arch", args.teacher_arch, "--fraction", 1,
            "--alpha", 0, "--epochs", args.teacher_epochs, "--lr", args.teacher_lr, *common, "--overwrite"])
-    stage("dump", is_finished_cache(str(cache)),
+    stage("dump", is_complete_cache(str(cache)),
           ["dump", "--teacher", args.teacher_arch, "--checkpoint", teacher / "model.pt", "--data", train_beton,
            "--out", cache, "--overwrite", "--workers", args.workers, "--batch-size", 500, "--chunk-rows", 5000],
           ["info", cache])

@@ -215,3 +215,16 @@ def beton_labels(beton: str | Path) -> np.ndarray:
     labels = np.empty(len(meta), dtype=np.int64)
     labels[meta["f2"]] = meta["f1"]  # fields: f0 image, f1 label, f2 index
     return labels
+
+
+def read_beton(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (raw image, label, sample index) of a small-image beton, in stored order, one process: the
+    very pixels the loaders decode (tests and benchmarks compare against them)."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+
+    loader = Loader(str(path), batch_size=256, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()], "index": [IntDecoder()]})
+    images, labels, index = zip(*((np.array(x), np.array(y).ravel(), np.array(i).ravel()) for x, y, i in loader))
+    return np.concatenate(images), np.concatenate(labels), np.concatenate(index)

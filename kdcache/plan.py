@@ -4,9 +4,9 @@ Stages and folders
 ------------------
 Every stage's folder name carries a short hash of its fully resolved configuration, including the
 names (so hashes) of the stages it depends on: a changed protocol entry gets new folders for itself
-and everything downstream, and never reuses a stale result. A stage is finished when its completion
+and everything downstream, and never reuses a stale result. A stage is done when its completion
 marker exists (data: manifest.json; teacher and student: summary.json; dump: a complete cache;
-selection: .npy and .json); finished stages are skipped and unfinished ones resumed (`resume=True`
+selection: .npy and .json); done stages are skipped and others resumed (`resume=True`
 for training, the dump's own chunk resumption). Alpha-0 runs ignore teacher, temperature and online,
 and random runs the selection options, so identical runs collapse into one folder.
 """

@@ -329,12 +329,12 @@ class LogitCache:
         return self._array(LABELS).astype(np.int64)
 
 
-def is_finished_cache(url: str) -> bool:
+def is_complete_cache(url: str) -> bool:
     """Whether `url` holds a complete teacher-logit cache of this layout (what a rerun may skip)."""
     try:
         LogitCache(str(url))
         return True
-    except Exception:  # noqa: BLE001  (absent, partial, another kind, older, unreadable: not finished; the
+    except Exception:  # noqa: BLE001  (absent, partial, another kind, older, unreadable: not complete; the
         return False   # dump that redoes it will say why if it cannot)
 
 

@@ -54,8 +54,8 @@ def is_done(stage: Stage, root: Path) -> bool:
         return (p / "summary.json").is_file()
     if stage.kind == "selection":
         return p.is_file() and p.with_suffix(".json").is_file()
-    from .store import is_finished_cache
-    return p.exists() and is_finished_cache(str(p))
+    from .store import is_complete_cache
+    return p.exists() and is_complete_cache(str(p))
 
 
 def lock_path(stage: Stage, root: Path) -> Path:

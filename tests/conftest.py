@@ -4,10 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from kdcache_cli.main import cli
+
+from kdcache.beton import read_beton  # noqa: F401  (the test modules' reader, shared with benchmarks)
 
 # The suite runs on the CPU, also on a workstation with a GPU: fixtures compare runs exactly against CPU
 # runs. (Set before anything initialises CUDA; a test about CUDA would have to say so and skip without it.)
@@ -30,21 +31,6 @@ def run_console(*args: str) -> subprocess.CompletedProcess:
     """Run the installed console script as a user would."""
     exe = Path(sys.executable).with_name("kdcache")
     return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
-
-
-def read_beton(path: Path):
-    """Every (image, label, index) in a beton, raw, in stored order."""
-    from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-
-    loader = Loader(str(path), batch_size=256, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
-                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()],
-                               "index": [IntDecoder()]})
-    images, labels, index = [], [], []
-    for x, y, i in loader:
-        images.append(np.array(x)), labels.append(np.array(y).ravel()), index.append(np.array(i).ravel())
-    return np.concatenate(images), np.concatenate(labels), np.concatenate(index)
 
 
 @pytest.fixture(scope="session")
