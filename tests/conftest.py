@@ -42,6 +42,19 @@ def synth(tmp_path_factory) -> Path:
     return out
 
 
+def make_image_folder(root: Path, rng, counts=(("cat", 3), ("dog", 4))) -> None:
+    """A tiny image folder (train/ and val/, one folder per class) of random PNGs of several sizes."""
+    import numpy as np
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for name, n in counts:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                Image.fromarray(rng.integers(0, 256, size=(40 + k, 50, 3), dtype=np.uint8)).save(
+                    root / split / name / f"{k}.png")
+
+
 def manifest(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())
 

@@ -4,7 +4,7 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import SHARED_CIFAR10, manifest, read_beton, run_cli, run_console
+from conftest import SHARED_CIFAR10, make_image_folder, manifest, read_beton, run_cli, run_console
 from PIL import Image
 
 from kdcache.sources import make_synthetic
@@ -103,15 +103,6 @@ def test_cifar100_round_trip(tmp_path):
     for name, (images, labels) in splits.items():
         check_round_trip(tmp_path / "out", images, labels, name)
     assert manifest(tmp_path / "out")["num_classes"] == 100
-
-
-def make_image_folder(root, rng, counts=(("cat", 3), ("dog", 4))):
-    for split in ("train", "val"):
-        for name, n in counts:
-            (root / split / name).mkdir(parents=True, exist_ok=True)
-            for k in range(n):
-                Image.fromarray(rng.integers(0, 256, size=(40 + k, 50, 3), dtype=np.uint8)).save(
-                    root / split / name / f"{k}.png")
 
 
 def test_imagefolder_round_trip(tmp_path):

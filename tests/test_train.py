@@ -456,7 +456,7 @@ def test_warm_up_has_a_floor_in_steps():
 def test_training_on_an_image_folder_with_a_torchvision_model(tmp_path):
     """The large-image path end to end: JPEG image folder, random-resized crop + flip at the crop side,
     centre crop for the test split, and a torchvision ResNet given the small-image stem (28 px <= 64)."""
-    from test_data import make_image_folder
+    from conftest import make_image_folder
 
     from kdcache.models import load_checkpoint
 

@@ -196,7 +196,7 @@ def test_view_mistakes_are_one_line_errors(synth, ckpt, multi, tmp_path):
         r = run_cli(*dump_args(synth, ckpt, tmp_path / "s.zarr", *extra), expect=2)
         assert message in r.output and "Traceback" not in r.output
     # image folders: random-resized crops are not a recipe views can store yet
-    from test_data import make_image_folder
+    from conftest import make_image_folder
     make_image_folder(tmp_path / "src", np.random.default_rng(0))
     run_cli("data", "imagefolder", "--src", tmp_path / "src", "--out", tmp_path / "folder", "--max-side", 32,
             "--workers", 1)
