@@ -90,3 +90,46 @@ def test_reading_a_protocol_imports_no_torch():
     code = (f"import sys, kdcache.protocol as p; p.student_runs(p.load_protocol({str(smoke)!r})); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+
+PINNED = """
+[data]
+source = "synthetic"
+num_train = 400
+[teachers.t]
+arch = "resnet8"
+epochs = 3
+record_dynamics = true
+[dump]
+batch_size = 100
+[defaults]
+arch = "resnet8"
+epochs = 2
+[[students]]
+fraction = 0.5
+method = ["random", "el2n", "ccs", "aum"]
+alpha = [0, 0.9]
+[[students]]
+fraction = 0.5
+alpha = 0.9
+topk = 2
+"""
+
+
+def test_stage_names_do_not_move(tmp_path):
+    """Folder names hash each stage's resolved configuration (defaults, key names, the trainer revision): a
+    renamed key or a new hashed default would orphan every study's finished runs. These names were made by
+    the code before options moved into kdcache.config."""
+    from kdcache.plan import plan
+    from kdcache.protocol import load_protocol
+
+    (tmp_path / "pin.toml").write_text(PINNED)
+    p = plan(load_protocol(tmp_path / "pin.toml"))
+    assert (p.data.name, p.teachers["t"].name) == ("data-265d4cecd5", "teacher-t-95bdc74200")
+    assert sorted(d.name for d in p.dumps.values()) == ["cache-t-d54e7a5ce1.zarr", "cache-t-top2-e9a5d6379a.zarr"]
+    assert sorted(s.name.removeprefix("students/") for s in p.students) == [
+        "aum-f0.5-a0-noKD-s0-815da81a66", "aum-f0.5-a0.9-t-s0-ef0e15deaf", "ccs-f0.5-a0-noKD-s0-fd8c1e74a8",
+        "ccs-f0.5-a0.9-t-s0-654ba0d918", "el2n-f0.5-a0-noKD-s0-9cc85a1979", "el2n-f0.5-a0.9-t-s0-55a8350919",
+        "random-f0.5-a0-noKD-s0-5bbe0b325b", "random-f0.5-a0.9-t-s0-2364baeafe",
+        "random-f0.5-a0.9-t-top2-s0-3ce5e23d73"]
