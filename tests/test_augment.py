@@ -36,6 +36,7 @@ def test_draws_are_uniform_and_a_function_of_seed_epoch_and_index():
 
 
 @pytest.mark.parametrize("augment", ["--augment", "--no-augment"])
+@pytest.mark.slow
 def test_the_same_command_twice_gives_the_same_run(synth, tmp_path, augment):
     args = ["train", "--data", synth / "train.beton", "--fraction", 0.5, "--alpha", 0, "--epochs", 2, augment,
             "--arch", "resnet8", "--batch-size", 32, "--workers", 1, "--eval-every", 2]

@@ -414,6 +414,7 @@ def test_uneven_subset_under_two_ranks_repeats_exactly_one_sample(synth, tmp_pat
         assert len(seen) - len(set(seen.tolist())) == 1
 
 
+@pytest.mark.slow
 def test_short_kd_run_evaluates_with_statistics_of_its_own_weights(synth, cache, tmp_path):
     """Ten steps at lr 0.1 move the weights faster than BatchNorm's running averages follow: evaluated
     with them, a short KD run fell to chance. Re-estimated before evaluation (`--bn-batches`), its test
