@@ -3,17 +3,16 @@
 Protocol format (TOML, e.g. `protocols/smoke.toml`)
 ---------------------------------------------------
     name = "smoke"                 # optional; the sweep folder defaults to runs/<file stem>
-    [data]                         # `kdcache data`: source, src, num_train, num_test, num_classes,
-    source = "synthetic"           #   image_size, seed (synthetic), max_side, jpeg_quality
+    [data]                         # `kdcache data`'s options (DATA_KEYS)
+    source = "synthetic"
     num_train = 400
 
     [teachers.large]               # a full-data `kdcache train --alpha 0` per teacher, then its dump
-    arch = "resnet20"              # training keys (below), seed, record_dynamics
+    arch = "resnet20"              # training keys (TRAIN_KEYS), seed, the dynamics keys (TEACHER_KEYS)
     epochs = 3
     record_dynamics = true         # its own dynamics store: forgetting, el2n_early, dynunc, aum
 
-    [dump]                         # `kdcache dump` options for every teacher: batch_size, chunk_rows, topk,
-                                   #   temperature, sample, sample_seed, view_seed
+    [dump]                         # `kdcache dump`'s options for every teacher (DUMP_KEYS)
 
     [defaults]                     # student keys every [[students]] table starts from
     arch = "resnet8"
@@ -33,10 +32,10 @@ the loop instead of reading its cache), `views`, `topk` and `sample` (read a cac
 once per teacher and form by `kdcache dump --views K / --topk K / --sample S`, at the student's
 temperature; default: the [dump] table's cache, full logits of the clean image), `scores` (the
 teacher whose cache or dynamics store supplies selection scores, the same for every student so that KD
-and no-KD runs share their subsets; default: the first teacher), `keep`, `class_balanced`, `ccs_beta`,
-`ccs_strata`, `ccs_score`, and the training keys `arch`, `epochs`, `steps`, `batch_size`, `lr`,
-`momentum`, `weight_decay`, `warmup`, `label_smoothing`, `augment`, `eval_every`, `amp`, `compile`,
-`bn_batches`. Any student key may be a table keyed by fraction instead of a value, e.g.
+and no-KD runs share their subsets; default: the first teacher), the selection keys (SELECT_KEYS) and
+the training keys (TRAIN_KEYS). Each key table below is derived from the option's one declaration, a
+field of `kdcache.config`, so a key has its command's name, type and default (`kdcache train --help`
+lists them). Any student key may be a table keyed by fraction instead of a value, e.g.
 `epochs = { "0.1" = 60, "0.5" = 20 }`. A relative `src` is relative to the folder `kdcache sweep` runs
 in. Unset training keys take `kdcache train`'s defaults.
 """
