@@ -30,7 +30,7 @@ import torch.nn as nn
 from . import __version__
 from .beton import DatasetInfo, dataset_info
 from .config import DATA_PATHS, DEFAULT_TEMPERATURE, WARMUP_FLOOR, SelectOptions, TrainConfig
-from .contracts import Cache
+from .contracts import Cache, Teacher
 from .crops import view_recipe
 from .device import init_distributed, rank, resolve_device, world_size
 from .distill import auto_alpha, kd_step
@@ -177,8 +177,7 @@ class OnlineTeacher:
         return self.model(x).float()  # on the student's own view
 
 
-def make_teacher(cfg: TrainConfig, info: DatasetInfo, indices: np.ndarray,
-                 device: torch.device) -> CachedTeacher | OnlineTeacher:
+def make_teacher(cfg: TrainConfig, info: DatasetInfo, indices: np.ndarray, device: torch.device) -> Teacher:
     if cfg.teacher_online:
         return OnlineTeacher(load_teacher_checkpoint(cfg.teacher_checkpoint, cfg.teacher_online, info.num_classes,
                                                      info.image_size, device))
@@ -372,12 +371,13 @@ class Trainer:
         self.fraction = len(self.indices) / info.size
         self.alpha = auto_alpha(self.fraction) if alpha is None else alpha
         self.teacher = make_teacher(cfg, info, self.indices, device) if self.alpha > 0 else None
-        self.temperature = cfg.temperature or getattr(self.teacher, "temperature", None) or DEFAULT_TEMPERATURE
+        own = self.teacher.temperature if self.teacher else None  # the one a top-k cache serves exactly
+        self.temperature = cfg.temperature or own or DEFAULT_TEMPERATURE
         self.batch_size = self._batch_size()
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.arch, info.num_classes, info.image_size).to(
             device, memory_format=torch.channels_last)
-        self.views = getattr(self.teacher, "views", None)  # a multi-view cache's: shown exactly as stored
+        self.views = self.teacher.views if self.teacher else None  # a multi-view cache's: shown exactly as stored
         self.train_batches = make_batches(info, path=cfg.data_path, batch_size=self.batch_size, train=True,
                                           augment=cfg.augment, device=device, indices=self.indices, seed=cfg.seed,
                                           views=self.views, distributed=self.world > 1, num_workers=cfg.workers)
@@ -608,4 +608,4 @@ class Trainer:
                 "train_acc": rows[-1]["train_acc"], "epochs": self.schedule.epochs, "steps": self.step,
                 "alpha": self.alpha, "fraction": self.fraction, "num_selected": len(self.indices),
                 "images_per_sec": float(np.median(speeds)), "train_seconds": self.elapsed, "arch": self.cfg.arch,
-                "cache_bytes_per_sample": getattr(self.teacher, "bytes_per_sample", None)}
+                "cache_bytes_per_sample": self.teacher.bytes_per_sample if self.teacher else None}
