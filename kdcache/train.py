@@ -28,17 +28,18 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import __version__
-from .beton import DatasetInfo, dataset_info
-from .config import DATA_PATHS, DEFAULT_TEMPERATURE, WARMUP_FLOOR, SelectOptions, TrainConfig
-from .contracts import Cache, Teacher
+from .beton import DatasetInfo
+from .config import DEFAULT_TEMPERATURE, WARMUP_FLOOR, TrainConfig
 from .crops import view_recipe
 from .device import init_distributed, rank, resolve_device, world_size
 from .distill import auto_alpha, kd_step
 from .errors import UserError
 from .files import atomic, save_npy, write_json, write_lines
 from .loader import Batches
-from .models import build_model, load_teacher_checkpoint, save_checkpoint
+from .models import build_model, save_checkpoint
+from .preflight import select_subset, validate
 from .resident import ResidentBatches, make_batches
+from .teachers import CachedTeacher, OnlineTeacher, make_teacher
 
 SUMMARY, METRICS, CHECKPOINT = "summary.json", "metrics.jsonl", "last.pt"
 # What training computes, beyond its options: bump it with any change that alters results (sweeps hash it,
@@ -52,151 +53,6 @@ DIE_AFTER_ENV = "KDCACHE_DIE_AFTER_EPOCH"  # tests: SIGKILL after epoch N ("N") 
 def _crash_point(point: str) -> None:
     if os.environ.get(DIE_AFTER_ENV) == point:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-# --- checking a configuration --------------------------------------------------------------------
-
-def validate(cfg: TrainConfig) -> tuple[DatasetInfo, DatasetInfo, float | None]:
-    """Check every input before any training starts; return train info, test info, numeric alpha."""
-    chosen = [f"--{name.replace('_', '-')}" for name in ("fraction", "method", "keep", "class_balanced")
-              if getattr(cfg, name) not in (None, False)]
-    if cfg.indices and chosen:
-        raise UserError(f"--indices gives the subset; drop {', '.join(chosen)} (or drop --indices)")
-    if cfg.fraction is not None and not 0 < cfg.fraction <= 1:
-        raise UserError(f"--fraction must be in (0, 1], got {cfg.fraction}")
-    alpha = _alpha(cfg.alpha)
-    for name in ("epochs", "batch_size", "eval_every", "eval_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.bn_batches < 0:
-        raise UserError(f"--bn-batches must be 0 (off) or more, got {cfg.bn_batches}")
-    if cfg.steps is not None and cfg.steps < 1:
-        raise UserError("--steps must be at least 1")
-    if cfg.temperature is not None and not cfg.temperature > 0:
-        raise UserError(f"--temperature must be positive, got {cfg.temperature}")
-    info = dataset_info(cfg.data)
-    test_path = cfg.test or str(Path(cfg.data).with_name("test.beton"))
-    if not Path(test_path).is_file():
-        raise UserError(f"test set not found: {test_path} (pass --test)")
-    test_info = dataset_info(test_path)
-    if test_info.dataset_fingerprint != info.dataset_fingerprint:
-        raise UserError(f"{test_path} belongs to another dataset than {cfg.data}")
-    if (alpha is None or alpha > 0) and not (cfg.cache or cfg.teacher_online):
-        raise UserError(f"alpha {cfg.alpha} needs a teacher: pass --cache (or --teacher-online), or --alpha 0")
-    if cfg.teacher_online and not cfg.teacher_checkpoint:
-        raise UserError("--teacher-online needs --teacher-checkpoint")
-    if cfg.teacher_online and cfg.cache:
-        raise UserError("give either --cache or --teacher-online, not both")
-    if cfg.data_path not in DATA_PATHS:
-        raise UserError(f"--data-path must be one of {', '.join(DATA_PATHS)}, got {cfg.data_path!r}")
-    if cfg.amp not in ("bf16", "fp16", "off"):
-        raise UserError(f"--amp must be bf16, fp16 or off, got {cfg.amp}")
-    return info, test_info, alpha
-
-
-def _alpha(text: str) -> float | None:
-    """The numeric alpha, or None for auto."""
-    if text == "auto":
-        return None
-    try:
-        alpha = float(text)
-    except ValueError:
-        raise UserError(f"--alpha must be a number in [0, 1] or 'auto', got {text!r}")
-    if not 0 <= alpha <= 1:
-        raise UserError(f"--alpha must be in [0, 1], got {alpha}")
-    return alpha
-
-
-def select_subset(cfg: TrainConfig, info: DatasetInfo, labels: np.ndarray | None) -> tuple[np.ndarray, dict]:
-    """The sorted sample indices to train on, and how they were chosen."""
-    if cfg.indices:
-        try:
-            indices = np.unique(np.load(cfg.indices).astype(np.int64))
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read indices from {cfg.indices}: {e}")
-        _check_sidecar(cfg.indices, info)
-        if len(indices) == 0 or indices[0] < 0 or indices[-1] >= info.size:
-            raise UserError(f"{cfg.indices} holds indices outside 0..{info.size - 1} (or none)")
-        return indices, {"method": "file", "source": cfg.indices}
-    from .selection import choose_subset
-    d = SelectOptions()
-    return choose_subset(info, cfg.method or d.method, d.fraction if cfg.fraction is None else cfg.fraction,
-                         store=cfg.store or cfg.cache, keep=cfg.keep or d.keep, class_balanced=cfg.class_balanced,
-                         seed=cfg.seed, ccs_beta=cfg.ccs_beta, ccs_strata=cfg.ccs_strata, ccs_score=cfg.ccs_score,
-                         labels=labels)
-
-
-def _check_sidecar(indices: str, info: DatasetInfo) -> None:
-    """Indices chosen on another dataset are refused: `kdcache select` records the training split's
-    fingerprint beside them. A bare .npy without a sidecar is taken on trust."""
-    from .selection import sidecar_path
-    path = sidecar_path(indices)
-    if not path.is_file():
-        return
-    try:
-        have = json.loads(path.read_text()).get("train_fingerprint")
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}")
-    if have is not None and have != info.train_fingerprint:
-        raise UserError(f"{indices} were selected from another dataset (train fingerprint {have}, "
-                        f"expected {info.train_fingerprint} for {info.path})")
-
-
-# --- teachers: one call signature, (images, sample indices) -> logits ----------------------------
-
-class CachedTeacher:
-    """Looks a batch's teacher rows up by sample index (and stored view): the selected rows of the cache
-    are read once into a device tensor, so a step is one gather."""
-
-    def __init__(self, cache: Cache, indices: np.ndarray, num_samples: int, device: torch.device):
-        self.bytes_per_sample = cache.bytes_per_sample
-        self.temperature = cache.temperature  # the only one a top-k cache serves exactly
-        self.rows = torch.from_numpy(cache.logits(indices)).to(device)  # (n, C), or (n, K, C) with K views
-        # the (N, K, 3) view table of a multi-view cache: what the student's loader must show
-        self.views = cache.view_params() if cache.views > 1 else None
-        position = torch.full((num_samples,), -1, dtype=torch.long)
-        position[torch.from_numpy(indices)] = torch.arange(len(indices))
-        self.position = position.to(device)
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, index: torch.Tensor, view: torch.Tensor | None = None) -> torch.Tensor:
-        rows = self.position[index]
-        return self.rows[rows] if view is None else self.rows[rows, view]
-
-
-class OnlineTeacher:
-    """Runs the teacher on the batch: the baseline a cache must match."""
-
-    bytes_per_sample = temperature = views = None
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, index: torch.Tensor, view: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(x).float()  # on the student's own view
-
-
-def make_teacher(cfg: TrainConfig, info: DatasetInfo, indices: np.ndarray, device: torch.device) -> Teacher:
-    if cfg.teacher_online:
-        return OnlineTeacher(load_teacher_checkpoint(cfg.teacher_checkpoint, cfg.teacher_online, info.num_classes,
-                                                     info.image_size, device))
-    from .store import LogitCache
-    cache = LogitCache(cfg.cache, info)
-    if cache.num_classes != info.num_classes:
-        raise UserError(f"cache {cfg.cache} has {cache.num_classes} classes, the dataset has {info.num_classes}")
-    if cache.temperature is not None and cfg.temperature not in (None, cache.temperature):
-        form = f"top-{cache.topk}" if cache.topk else f"sampled ({cache.sample} draws)"
-        raise UserError(f"cache {cfg.cache} holds {form} targets at temperature {cache.temperature:g}, "
-                        f"exact only there: train with --temperature {cache.temperature:g} (or dump again with "
-                        f"--temperature {cfg.temperature:g})")
-    if cache.views > 1 and not cfg.augment:
-        raise UserError(f"cache {cfg.cache} holds targets for {cache.views} augmented views and none for the "
-                        "clean image: train with augmentation on (drop --no-augment), or use a single-view cache")
-    if cache.views > 1 and cache.view_recipe != view_recipe(info):
-        raise UserError(f"cache {cfg.cache} holds views made by another recipe ({cache.view_recipe}) than this "
-                        f"data's ({view_recipe(info)}): dump it again from {cfg.data}")
-    return CachedTeacher(cache, indices, info.size, device)
 
 
 # --- the pieces of a run -------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import torch
 from kdcache.beton import dataset_info
 from kdcache.contracts import Cache, Teacher
 from kdcache.store import LogitCache
-from kdcache.train import CachedTeacher, OnlineTeacher
+from kdcache.teachers import CachedTeacher, OnlineTeacher
 
 
 def test_real_caches_and_teachers_satisfy_the_contracts(synth, cache):

@@ -98,7 +98,7 @@ def test_cached_logits_reach_their_samples(synth):
     """After shuffling, each batch's teacher rows are the cache rows of exactly those sample indices."""
     from kdcache.beton import dataset_info
     from kdcache.loader import Batches
-    from kdcache.train import CachedTeacher
+    from kdcache.teachers import CachedTeacher
 
     class IndexCache:  # row i encodes i in its first column
         num_classes, bytes_per_sample, temperature, views = 4, 8, None, 1

@@ -151,7 +151,7 @@ def test_killed_multiview_dump_resumes_to_the_same_store(synth, ckpt, multi, tmp
 def test_student_sees_exactly_the_stored_view_its_target_is_for(synth, multi, ckpt):
     from kdcache.loader import Batches
     from kdcache.models import load_checkpoint
-    from kdcache.train import CachedTeacher
+    from kdcache.teachers import CachedTeacher
 
     info = dataset_info(synth / "train.beton")
     cache = LogitCache(str(multi), info)
