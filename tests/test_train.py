@@ -488,3 +488,20 @@ def test_a_run_killed_after_its_last_epoch_resumes_to_its_result(synth, tmp_path
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["test_acc"] == read_metrics(killed)[-1]["test_acc"] is not None
     assert "test accuracy" in r.output and "epoch 2/2" not in r.output.replace("resuming", "")
+
+
+def test_eval_batch_size_changes_no_accuracy(synth, teacher, tmp_path):
+    """--eval-batch-size is declared not to change results (NOT_RESULTS): evaluation runs in eval mode."""
+    from kdcache.beton import dataset_info
+    from kdcache.loader import Batches
+    from kdcache.models import load_checkpoint
+    from kdcache.train import NOT_RESULTS, evaluate
+
+    model, _ = load_checkpoint(teacher / "model.pt")
+    info = dataset_info(synth / "test.beton")
+    losses, accuracies = zip(*(evaluate(model, Batches(info, batch_size=b, train=False, num_workers=1), None)
+                               for b in (512, 7)))
+    assert accuracies[0] == accuracies[1] and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert "eval_batch_size" in NOT_RESULTS and "batch_size" not in NOT_RESULTS
+    r = run_cli("train", "--data", synth / "train.beton", "--out", tmp_path / "x", "--eval-batch-size", 0, expect=2)
+    assert "--eval-batch-size must be at least 1" in r.output
