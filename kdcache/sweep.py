@@ -38,7 +38,12 @@ from .config import IMAGEFOLDER_FIELDS, SYNTHETIC_FIELDS, DumpConfig
 from .errors import UserError
 from .files import now, write_json
 from .plan import Plan, Stage, plan, prerequisites
-from .protocol import SELECT_KEYS, TRAIN_KEYS, load_protocol
+from .protocol import (
+    SELECT_KEYS,
+    TRAIN_KEYS,
+    load_protocol,
+    normalise,  # noqa: F401, I001  (tests/test_report.py imports it from here)
+)
 
 SWEEP_JSON, TIMES_LOG = "sweep.json", "stage_times.jsonl"
 DIE_AFTER_ENV = "KDCACHE_SWEEP_DIE_AFTER"   # tests: SIGKILL this process during the student after that many
