@@ -42,7 +42,7 @@ from .protocol import (
     SELECT_KEYS,
     TRAIN_KEYS,
     load_protocol,
-    normalise,  # noqa: F401, I001  (tests/test_report.py imports it from here)
+    normalise,  # noqa: F401  (tests/test_report.py imports it from here; its owner is protocol)
 )
 
 SWEEP_JSON, TIMES_LOG = "sweep.json", "stage_times.jsonl"
