@@ -17,7 +17,10 @@ def __getattr__(name: str):
     if name in _API:
         from . import api
         return getattr(api, name)
+    if name == "dump_dataset":
+        from .dataset_dump import dump_dataset
+        return dump_dataset
     raise AttributeError(f"module 'kdcache' has no attribute {name!r}")
 
 
-__all__ = ["__version__", *_API]
+__all__ = ["__version__", *_API, "dump_dataset"]
