@@ -28,7 +28,8 @@ SMALL = 64  # images up to this side: CIFAR's pad-4 crop + flip; larger: random-
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="image folder with train/ and val/, or cifar10:ROOT / cifar100:ROOT")
     p.add_argument("--cache", required=True, help="teacher-logit store from `kdcache dump` on the same training split")
     p.add_argument("--fraction", type=float, default=0.1, help="random fraction of the training set kept")
@@ -37,7 +38,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=30, help="passes over the kept subset")
     p.add_argument("--arch", default="resnet8", help=f"student: {ARCH_HELP}")
     p.add_argument("--alpha", default="auto", help="KD weight in [0, 1], or auto (from the fraction)")
-    p.add_argument("--temperature", type=float, default=None, help="KD temperature [default: a top-k store's own, else 4]")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="KD temperature [default: a top-k store's own, else 4]")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (SGD, Nesterov; warm-up, then cosine)")
     p.add_argument("--weight-decay", type=float, default=5e-4)
@@ -97,9 +99,11 @@ def main(argv=None) -> float:
     model = build_model(args.arch, store.num_classes, size).to(device)
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+                           {"params": no_decay, "weight_decay": 0}],
                           lr=args.lr, momentum=0.9, nesterov=True)
-    loader = DataLoader(kdcache.WithIndex(Subset(train_set, keep), rows=rows[keep]), batch_size=min(args.batch_size, len(keep)),
+    loader = DataLoader(kdcache.WithIndex(Subset(train_set, keep), rows=rows[keep]),
+                        batch_size=min(args.batch_size, len(keep)),
                         shuffle=True, drop_last=len(keep) % args.batch_size == 1,  # BatchNorm needs 2 a batch
                         num_workers=args.workers,
                         generator=torch.Generator().manual_seed(args.seed), persistent_workers=args.workers > 0)

@@ -148,7 +148,8 @@ class TeacherTargets:
         """Bytes the loaded targets take on the device (with the index-to-row table)."""
         return sum(t.numel() * t.element_size() for t in (*self.tables.values(), self.position))
 
-    def loss(self, alpha: float = 0.5, temperature: float | None = None, label_smoothing: float = 0.0) -> DistillationLoss:
+    def loss(self, alpha: float = 0.5, temperature: float | None = None, label_smoothing: float = 0.0
+             ) -> DistillationLoss:
         """The distillation loss for these targets; a top-k or sampled store serves its own temperature only."""
         if self.temperature is not None and temperature not in (None, self.temperature):
             form = f"top-{self.cache.topk}" if self.cache.topk else f"sampled ({self.cache.sample} draws)"

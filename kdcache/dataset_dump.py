@@ -11,10 +11,10 @@ import hashlib
 import os
 import shlex
 import sys
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -22,8 +22,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import __version__, store
-from .dump import (DIE_AFTER_ENV, _Chunks, _finish, _store_batch, _to_host, _Writer, _batch_outputs,
-                   prepare_store)
+from .dump import DIE_AFTER_ENV, _batch_outputs, _Chunks, _finish, _store_batch, _to_host, _Writer, prepare_store
 from .errors import UserError
 from .files import now
 from .models import last_linear

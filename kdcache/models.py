@@ -142,7 +142,8 @@ def _timm_model(name: str, num_classes: int, pretrained: bool) -> nn.Module:
     finally:
         socket.setdefaulttimeout(old)
     if model.num_classes != num_classes:
-        raise UserError(f"pretrained timm:{name} predicts {model.num_classes} classes but the dataset has {num_classes}")
+        raise UserError(f"pretrained timm:{name} predicts {model.num_classes} classes "
+                        f"but the dataset has {num_classes}")
     return model
 
 
@@ -250,7 +251,8 @@ def load_teacher_checkpoint(path: str | Path, arch: str, num_classes: int, image
         if meta["num_classes"] != num_classes:
             raise UserError(f"{path} predicts {meta['num_classes']} classes but the dataset has {num_classes}")
         if meta["image_size"] != image_size:
-            raise UserError(f"{path} was built for {meta['image_size']} px images but the dataset's are {image_size} px")
+            raise UserError(f"{path} was built for {meta['image_size']} px images "
+                             f"but the dataset's are {image_size} px")
         # kdcache trained it on the dataset's own preprocessing
     else:
         model = _from_state_dict(path, ckpt, arch, num_classes, image_size)
@@ -263,7 +265,8 @@ def load_teacher_checkpoint(path: str | Path, arch: str, num_classes: int, image
 def _from_state_dict(path: Path, ckpt, arch: str, num_classes: int, image_size: int) -> nn.Module:
     state = ckpt
     if isinstance(ckpt, dict):
-        state = next((ckpt[k] for k in ("state_dict_ema", "state_dict", "model") if isinstance(ckpt.get(k), dict)), ckpt)
+        state = next((ckpt[k] for k in ("state_dict_ema", "state_dict", "model")
+                      if isinstance(ckpt.get(k), dict)), ckpt)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is neither a kdcache checkpoint nor a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
@@ -275,7 +278,8 @@ def _from_state_dict(path: Path, ckpt, arch: str, num_classes: int, image_size: 
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise UserError(f"{path} does not hold a {arch}: {str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}")
+        lines = str(e).splitlines()
+        raise UserError(f"{path} does not hold a {arch}: {lines[1].strip() if len(lines) > 1 else e}")
     return model
 
 

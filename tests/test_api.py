@@ -5,13 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 import kdcache
 from kdcache.distill import kd_loss
 from kdcache.errors import UserError
 from kdcache.store import LogitCache
-
-from conftest import run_cli
 
 
 def _dump(synth, teacher, out, *extra):

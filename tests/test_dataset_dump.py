@@ -5,14 +5,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, SUBPROCESS_TIMEOUT, manifest, read_beton
 from torch.utils.data import TensorDataset
 
 import kdcache
 from kdcache.errors import UserError
 from kdcache.models import build_model, load_checkpoint
 from kdcache.store import LogitCache, open_store, read_score
-
-from conftest import ROOT, SUBPROCESS_TIMEOUT, manifest, read_beton
 
 
 def _synth_dataset(synth):
@@ -40,7 +39,8 @@ def test_a_dataset_dump_equals_the_ffcv_dump_of_the_same_images_and_model(synth,
     from kdcache.store import score_names
     assert score_names(open_store(out)) == score_names(ffcv.group)
     for score in score_names(ffcv.group):
-        assert np.allclose(read_score(open_store(out), score), read_score(ffcv.group, score), rtol=1e-2, atol=1e-2), score
+        assert np.allclose(read_score(open_store(out), score), read_score(ffcv.group, score),
+                           rtol=1e-2, atol=1e-2), score
     # the store serves the API like any other, checked against the same data
     kdcache.TeacherTargets(out, data=synth)
 
@@ -69,7 +69,8 @@ def test_a_dataset_dump_resumes_after_sigkill_and_records_keys(tmp_path):
         LogitCache(tmp_path / "a.zarr")
     env.pop("KDCACHE_DIE_AFTER_CHUNKS")
     for out in ("a.zarr", "b.zarr"):  # resume the killed one; dump another uninterrupted
-        subprocess.run([sys.executable, str(script), str(tmp_path / out)], env=env, check=True, timeout=SUBPROCESS_TIMEOUT,
+        subprocess.run([sys.executable, str(script), str(tmp_path / out)], env=env, check=True,
+                       timeout=SUBPROCESS_TIMEOUT,
                        cwd=ROOT)
     a, b = LogitCache(tmp_path / "a.zarr"), LogitCache(tmp_path / "b.zarr")
     assert np.array_equal(a.logits(np.arange(96)), b.logits(np.arange(96)))

@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, SUBPROCESS_TIMEOUT
 from test_api import make_folder_store
 
@@ -15,7 +14,8 @@ def folder(tmp_path_factory):
 
 def _run(script, *args):
     return subprocess.run([sys.executable, str(ROOT / "examples" / script), *map(str, args)], capture_output=True,
-                          text=True, timeout=SUBPROCESS_TIMEOUT, env={"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+                          text=True, timeout=SUBPROCESS_TIMEOUT, env={"OMP_NUM_THREADS": "1",
+                                                                        "CUDA_VISIBLE_DEVICES": "",
                                                                         "PATH": "/usr/bin:/bin"})
 
 
@@ -34,7 +34,8 @@ def test_own_loop_trains_on_an_image_folder_joined_by_keys(folder):
     assert [line.split()[0] for line in lines[:-1]] == ["epoch=1", "epoch=2"]
     # 9 of 15 images kept, 2 batches of 4 an epoch (drop_last)
     accuracy = float(lines[-1].removeprefix("test_acc="))
-    assert lines[-1].startswith("test_acc=") and any(abs(accuracy - i / 6) < 1e-4 for i in range(7))  # 6 validation images
+    assert lines[-1].startswith("test_acc=")
+    assert any(abs(accuracy - i / 6) < 1e-4 for i in range(7))  # 6 images
 
 
 def test_own_loop_refuses_a_store_of_another_folder_in_one_line(folder, tmp_path):

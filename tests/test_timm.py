@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, SUBPROCESS_TIMEOUT, manifest, read_beton, run_cli
 
 from kdcache.errors import UserError
 from kdcache.models import build_model, load_teacher_checkpoint, timm_preprocessing
 from kdcache.store import LogitCache
-
-from conftest import ROOT, SUBPROCESS_TIMEOUT, manifest, read_beton, run_cli
 
 timm = pytest.importorskip("timm")
 
@@ -34,8 +33,10 @@ def test_without_timm_a_timm_name_says_to_install_it(monkeypatch):
 def test_preprocessing_comes_from_the_checkpoints_args_else_the_pretrained_config():
     model = timm.create_model("resnet10t", num_classes=4)
     mean, std, size = timm_preprocessing(model)
-    assert size == model.pretrained_cfg["input_size"][-1] and np.allclose(mean, [255 * v for v in model.pretrained_cfg["mean"]])
-    assert timm_preprocessing(model, {"img_size": 24, "mean": [0.5] * 3, "std": [0.25] * 3}) == ([127.5] * 3, [63.75] * 3, 24)
+    assert size == model.pretrained_cfg["input_size"][-1]
+    assert np.allclose(mean, [255 * v for v in model.pretrained_cfg["mean"]])
+    args = {"img_size": 24, "mean": [0.5] * 3, "std": [0.25] * 3}
+    assert timm_preprocessing(model, args) == ([127.5] * 3, [63.75] * 3, 24)
 
 
 def test_checkpoints_are_checked_for_class_count_and_architecture(tmp_path):
@@ -74,7 +75,8 @@ def test_a_timm_checkpoint_dumps_with_its_own_preprocessing(synth, tmp_path):
     have = torch.from_numpy(cache.logits(index[:64]))
     assert torch.allclose(have, want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
     # a kdcache-format teacher keeps the dataset's own preprocessing, and says so
-    assert manifest(synth)["mean"] == LogitCache(_kdcache_teacher_store(synth, tmp_path)).attrs["teacher_preprocessing"]["mean"]
+    own = LogitCache(_kdcache_teacher_store(synth, tmp_path)).attrs["teacher_preprocessing"]
+    assert manifest(synth)["mean"] == own["mean"]
 
 
 def _kdcache_teacher_store(synth, tmp_path):
