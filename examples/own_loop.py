@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 import kdcache
+from kdcache.config import WARMUP_FLOOR
 from kdcache.distill import auto_alpha
 from kdcache.models import ARCH_HELP, build_model
 from kdcache.selection import select
@@ -108,7 +109,7 @@ def main(argv=None) -> float:
                         num_workers=args.workers,
                         generator=torch.Generator().manual_seed(args.seed), persistent_workers=args.workers > 0)
     total = args.epochs * len(loader)
-    warmup = max(int(0.02 * total), min(100, total // 4))
+    warmup = max(int(0.02 * total), min(WARMUP_FLOOR, total // 4))  # kdcache train's warm-up
     step, seen, start = 0, 0, time.perf_counter()
     for epoch in range(args.epochs):
         model.train()
