@@ -29,7 +29,7 @@ from common import RESULTS, machine
 from kdcache.beton import convert
 from kdcache.models import build_model
 from kdcache.sources import make_synthetic
-from kdcache.train import Trainer, TrainConfig, make_optimizer, validate
+from kdcache.train import TrainConfig, Trainer, make_optimizer, validate
 
 GOAL = 1.25  # resident step / bare step
 

@@ -50,7 +50,7 @@ def rows_of(r: dict) -> list[tuple[str, float, float | None, str]]:
 
 def main() -> None:
     lines = ["| measure | value | target | met | detail | machine |", "|---|---|---|---|---|---|"]
-    for path in sorted(RESULTS.glob("bench_*.json")) + sorted(RESULTS.glob("host.json")) + sorted(RESULTS.glob("gpu.json")):
+    for path in [*sorted(RESULTS.glob("bench_*.json")), *RESULTS.glob("host.json"), *RESULTS.glob("gpu.json")]:
         r = json.loads(path.read_text())
         for name, value, target, detail in rows_of(r):
             met = "" if target is None else "yes" if value >= target else "no"

@@ -143,7 +143,8 @@ def make_batches(info: DatasetInfo, *, path: str = "auto", distributed: bool = F
     may = fits(info, count) and not distributed
     if path == "resident" and not may:
         raise UserError(f"--data-path resident needs images of {RESIDENT_MAX_SIDE} px or less whose "
-                        f"{resident_bytes(info, count) / 2 ** 30:.1f} GiB fit {RESIDENT_BUDGET_BYTES / 2 ** 30:.0f} GiB, "
+                        f"{resident_bytes(info, count) / 2 ** 30:.1f} GiB fit "
+                        f"{RESIDENT_BUDGET_BYTES / 2 ** 30:.0f} GiB, "
                         "in one process: use --data-path ffcv (or auto)")
     if path == "ffcv" or not may:
         return Batches(info, distributed=distributed, indices=indices, **options)

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from kdcache_cli.main import cli
 
 from kdcache.beton import read_beton  # noqa: F401  (the test modules' reader, shared with benchmarks)
+from kdcache.train import DIE_AFTER_ENV as TRAIN_DIE_AFTER_ENV
 
 # The suite runs on the CPU, also on a workstation with a GPU: fixtures compare runs exactly against CPU
 # runs. (Set before anything initialises CUDA; a test about CUDA would have to say so and skip without it.)
@@ -103,3 +104,35 @@ def cache(synth, teacher, tmp_path_factory) -> Path:
     run_cli("dump", "--teacher", "resnet20", "--checkpoint", teacher / "model.pt", "--data",
             synth / "train.beton", "--out", out, "--batch-size", 64, "--chunk-rows", 128, "--workers", 1)
     return out
+
+
+def kill_at(args: list, out, point: str) -> None:
+    """Run `kdcache *args --out out` in a process that SIGKILLs itself at `point` (see kdcache.train.DIE_AFTER_ENV)."""
+    p = subprocess.run([sys.executable, "-m", "kdcache_cli.main", *map(str, args), "--out", str(out)],
+                       env={**os.environ, TRAIN_DIE_AFTER_ENV: point}, capture_output=True, text=True,
+                       timeout=SUBPROCESS_TIMEOUT)
+    assert p.returncode == -9, p.stderr[-2000:]
+
+
+def make_folder_store(root: Path) -> Path:
+    """A tiny image folder `src` (3 classes, 5 + 2 images each, 20 px), converted into `data` (16 px crops),
+    and dumped into `c.zarr` by a resnet8 saved untrained."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from kdcache.models import build_model, save_checkpoint
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 5), ("val", 2)):
+        for c in ("ant", "bee", "cat"):
+            (root / "src" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+                    root / "src" / split / c / f"{i:03d}.png")
+    run_cli("data", "imagefolder", "--src", root / "src", "--out", root / "data", "--max-side", 18, "--crop-side", 16,
+            "--workers", 1)
+    torch.manual_seed(0)
+    save_checkpoint(root / "t.pt", build_model("resnet8", 3, 16), arch="resnet8", num_classes=3, image_size=16)
+    run_cli("dump", "--teacher", "resnet8", "--checkpoint", root / "t.pt", "--data", root / "data" / "train.beton",
+            "--out", root / "c.zarr", "--batch-size", 5, "--chunk-rows", 5, "--workers", 1)
+    return root

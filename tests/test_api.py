@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import make_folder_store, run_cli
 
 import kdcache
 from kdcache.distill import kd_loss
@@ -122,28 +122,6 @@ def test_positional_keys_are_recorded_and_labels_checked(synth, cache):
 @pytest.fixture(scope="module")
 def folder_store(tmp_path_factory):
     return make_folder_store(tmp_path_factory.mktemp("folder"))
-
-
-def make_folder_store(root):
-    """A tiny image folder `src` (3 classes, 5 + 2 images each, 20 px), converted into `data` (16 px crops),
-    and dumped into `c.zarr` by a resnet8 saved untrained."""
-    from PIL import Image
-
-    from kdcache.models import build_model, save_checkpoint
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 5), ("val", 2)):
-        for c in ("ant", "bee", "cat"):
-            (root / "src" / split / c).mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
-                    root / "src" / split / c / f"{i:03d}.png")
-    run_cli("data", "imagefolder", "--src", root / "src", "--out", root / "data", "--max-side", 18, "--crop-side", 16,
-            "--workers", 1)
-    torch.manual_seed(0)
-    save_checkpoint(root / "t.pt", build_model("resnet8", 3, 16), arch="resnet8", num_classes=3, image_size=16)
-    run_cli("dump", "--teacher", "resnet8", "--checkpoint", root / "t.pt", "--data", root / "data" / "train.beton",
-            "--out", root / "c.zarr", "--batch-size", 5, "--chunk-rows", 5, "--workers", 1)
-    return root
 
 
 def test_image_folder_keys_join_an_imagefolder_and_refuse_another(folder_store):

@@ -2,7 +2,6 @@
 for the KD term, and batches that outlive the loader's buffers."""
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -46,7 +45,7 @@ def test_kd_step_equals_kd_loss_in_value_and_gradient(teacher):
 
 
 def trainer(synth, tmp_path, **options):
-    from kdcache.train import Trainer, TrainConfig, validate
+    from kdcache.train import TrainConfig, Trainer, validate
 
     cfg = TrainConfig(data=str(synth / "train.beton"), out=str(tmp_path), arch="resnet8", fraction=0.5,
                       epochs=1, batch_size=32, workers=1, **options)

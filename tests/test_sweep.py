@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from conftest import ROOT, SUBPROCESS_TIMEOUT, run_cli
 
-from kdcache.claims import Context, evaluate_claims, make_cells
 from kdcache.stats import Noise
 from kdcache.sweep import DIE_AFTER_ENV, load_protocol, plan, read_times, shard_of
 
@@ -202,7 +201,8 @@ def test_report_numbers_equal_a_direct_computation(swept, tmp_path):
     header = next(csv.reader((tmp_path / "results.csv").open()))
     assert len(header) == len(set(header)) and "teacher_test_acc" in header
     teachers = list(csv.DictReader((tmp_path / "teachers.csv").open()))
-    assert {t["teacher"] for t in teachers} == {"small", "large"} and all(0 < float(t["test_acc"]) <= 1 for t in teachers)
+    assert {t["teacher"] for t in teachers} == {"small", "large"}
+    assert all(0 < float(t["test_acc"]) <= 1 for t in teachers)
     for png in ("accuracy_vs_fraction.png", "intervals.png", "cached_vs_online.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SUBPROCESS_TIMEOUT, run_cli
+from conftest import SUBPROCESS_TIMEOUT, kill_at, run_cli
 
 from kdcache.contracts import Cache
 from kdcache.distill import auto_alpha, kd_loss
-from kdcache.train import DIE_AFTER_ENV, METRICS, read_metrics
+from kdcache.train import METRICS, read_metrics
 
 FAST = ["--arch", "resnet20", "--batch-size", 32, "--workers", 1, "--lr", 0.05]
 
@@ -154,14 +154,6 @@ def _indices(tmp_path, n):
     path = tmp_path / f"first{n}.npy"
     np.save(path, np.arange(n))
     return path
-
-
-def kill_at(args: list, out, point: str) -> None:
-    """Run `kdcache *args --out out` in a process that SIGKILLs itself at `point` (see train.DIE_AFTER_ENV)."""
-    p = subprocess.run([sys.executable, "-m", "kdcache_cli.main", *map(str, args), "--out", str(out)],
-                       env={**os.environ, DIE_AFTER_ENV: point}, capture_output=True, text=True,
-                       timeout=SUBPROCESS_TIMEOUT)
-    assert p.returncode == -9, p.stderr[-2000:]
 
 
 @pytest.mark.parametrize("augment", ["--no-augment", "--augment"])  # augmentations are seeded too

@@ -195,14 +195,6 @@ def test_view_mistakes_are_one_line_errors(synth, ckpt, multi, tmp_path):
     for extra, message in [(("--views", 0), "--views must be at least 1")]:
         r = run_cli(*dump_args(synth, ckpt, tmp_path / "s.zarr", *extra), expect=2)
         assert message in r.output and "Traceback" not in r.output
-    # image folders: random-resized crops are not a recipe views can store yet
-    from conftest import make_image_folder
-    make_image_folder(tmp_path / "src", np.random.default_rng(0))
-    run_cli("data", "imagefolder", "--src", tmp_path / "src", "--out", tmp_path / "folder", "--max-side", 32,
-            "--workers", 1)
-    r = run_cli("dump", "--teacher", "resnet20", "--checkpoint", ckpt, "--data", tmp_path / "folder" / "train.beton",
-                "--out", tmp_path / "f.zarr", "--views", 2, expect=2)
-    assert "--views needs small images" in r.output and "Traceback" not in r.output
     # a multi-view store of another dataset
     run_cli("data", "synthetic", "--out", tmp_path / "other", "--num-train", 400, "--num-test", 200,
             "--num-classes", 4, "--image-size", 16, "--seed", 1, "--workers", 1)
