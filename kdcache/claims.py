@@ -322,9 +322,10 @@ def sparse_targets(cells: list[Cell], ctx: Context) -> list[dict]:
                         key=lambda c: (c.fields.get("topk") is None, c.fields.get("topk") or c.fields.get("sample")))
         for c in sparse if len(full) == 1 else []:
             form = f"top-{c['topk']}" if c.fields.get("topk") else f"{c['sample']} sampled draws"
-            bytes_ = Stats.of([r["summary"].get("cache_bytes_per_sample") or 0 for r in c.runs]).mean
-            comps.append(compare(f"{_where(c)}, teacher {c['teacher']}, alpha {c['alpha']:g}: {form} ({bytes_:.0f} "
-                                 "bytes per sample) vs full logits", c, full[0], ctx, "matches or beats"))
+            known = [r["summary"].get("cache_bytes_per_sample") for r in c.runs]
+            size = f" ({known[0]:.0f} bytes per sample)" if known and None not in known else ""  # absent in old CSVs
+            comps.append(compare(f"{_where(c)}, teacher {c['teacher']}, alpha {c['alpha']:g}: {form}{size} vs full "
+                                 "logits", c, full[0], ctx, "matches or beats"))
     return comps
 
 

@@ -269,7 +269,8 @@ def markdown(record: dict, runs: list[dict], cells: list[Cell], ctx: Context, cl
              f"Protocol `{record['protocol']}` (sha256 {record['protocol_sha256'][:12]}), {done} of {len(runs)} "
              "runs finished. Every number and verdict below is computed from the run folders by `kdcache report`.",
              "", "## Noise and what this study can decide", ""] + noise_lines(ctx, cells)
-    lines += ["", "## Teachers", "", "| teacher | arch | parameters | epochs | steps | test acc |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Teachers", "", "| teacher | arch | parameters | epochs | steps | test acc |",
+              "|---|---|---|---|---|---|"]
     lines += [f"| {n} | {t['arch']} | {t['parameters']:,} | {t['epochs']} | {t['steps']} | {_pts(t['test_acc'])} |"
               for n, t in teachers_.items()] or ["", "(No teacher folders: a report regenerated from results.csv.)"]
     lines += ["", "## Claims", "", "| # | claim | test | verdict | comparisons |", "|---|---|---|---|---|"]
@@ -282,7 +283,8 @@ def markdown(record: dict, runs: list[dict], cells: list[Cell], ctx: Context, cl
         lines += _comparison_lines(c["comparisons"]) or ["The protocol has no cells for this claim."]
     lines += ["", "## Every pair within a family", "",
               "Each pair is a separate 5% test, not corrected for multiplicity: among many pairs a few "
-              "differences are expected by chance.", ""] + (_comparison_lines(pairs) or ["No family of three or more cells."])
+              "differences are expected by chance.", ""]
+    lines += _comparison_lines(pairs) or ["No family of three or more cells."]
     lines += ["", "## Cells (mean ± std of test accuracy over seeds, %)", ""] + _cell_table(cells)
     lines += ["", "## Measured run times", ""] + _time_lines(times, runs)
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
@@ -340,7 +342,7 @@ def _time_lines(times: dict, runs: list[dict]) -> list[str]:
     return lines
 
 
-RUN_METRICS = ("test_acc", "best_test_acc", "train_seconds", "images_per_sec", "num_selected")
+RUN_METRICS = ("test_acc", "best_test_acc", "train_seconds", "images_per_sec", "num_selected", "cache_bytes_per_sample")
 TRAINED = ("epochs", "steps")   # as trained (summary.json): the configuration's columns leave them out
 
 
