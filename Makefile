@@ -19,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 	fi
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e ".[test,plot,timm]"
+	$(PY) -m pip install -q -e ".[test,plot,timm,lightning,tensorboard]"
 	@touch $@
 
 test: install

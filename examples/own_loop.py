@@ -29,7 +29,12 @@ SMALL = 64  # images up to this side: CIFAR's pad-4 crop + flip; larger: random-
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    return parser(__doc__).parse_args(argv)
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The options, shared with examples/lightning_module.py; `doc`'s first paragraph is the description."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="image folder with train/ and val/, or cifar10:ROOT / cifar100:ROOT")
     p.add_argument("--cache", required=True, help="teacher-logit store from `kdcache dump` on the same training split")
@@ -47,7 +52,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed for the subset, initialisation and data order")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    return p.parse_args(argv)
+    return p
 
 
 def datasets_for(data: str, mean: list[float], std: list[float], size: int):
@@ -77,10 +82,10 @@ def datasets_for(data: str, mean: list[float], std: list[float], size: int):
     return datasets.ImageFolder(Path(data) / "train", train_tf), datasets.ImageFolder(test_dir, test_tf)
 
 
-def main(argv=None) -> float:
-    args = parse(argv)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+def kept_subset(args: argparse.Namespace):
+    """(store, train_set, test_set, size, keep, rows): the store opened to read its description, the datasets,
+    their image side, the positions `keep` of the kept training items and their store rows. Sets
+    args.fraction to the kept share."""
     store = kdcache.TeacherTargets(args.cache, rows=[])  # opened once to read its description; loaded below
     manifest = store.cache.attrs["manifest"]
     size = manifest["image_shape"][0] if manifest.get("image_shape") else manifest["crop_side"]
@@ -93,29 +98,56 @@ def main(argv=None) -> float:
         args.fraction = len(keep) / len(rows)
     else:  # a random subset, as `kdcache train --method random --seed S` draws it
         keep = select("random", args.fraction, store.cache.labels()[rows], seed=args.seed)
-    targets = kdcache.TeacherTargets(args.cache, rows=rows[keep], device=device)  # the kept rows, on the device once
-    alpha = auto_alpha(args.fraction) if args.alpha == "auto" else float(args.alpha)
-    loss_fn = targets.loss(alpha=alpha, temperature=args.temperature)
+    return store, train_set, test_set, size, keep, rows[keep]
 
-    model = build_model(args.arch, store.num_classes, size).to(device)
+
+def alpha_of(args: argparse.Namespace) -> float:
+    """--alpha, or auto's from the kept fraction (kdcache train's rule)."""
+    return auto_alpha(args.fraction) if args.alpha == "auto" else float(args.alpha)
+
+
+def train_loader(args: argparse.Namespace, train_set, keep: np.ndarray, rows: np.ndarray) -> DataLoader:
+    """The kept items with their store rows, batches of (x, y, index), shuffled by the seed."""
+    return DataLoader(kdcache.WithIndex(Subset(train_set, keep), rows=rows),
+                      batch_size=min(args.batch_size, len(keep)),
+                      shuffle=True, drop_last=len(keep) % args.batch_size == 1,  # BatchNorm needs 2 a batch
+                      num_workers=args.workers,
+                      generator=torch.Generator().manual_seed(args.seed), persistent_workers=args.workers > 0)
+
+
+def sgd(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.SGD:
+    """SGD with Nesterov momentum, weight decay on weights only (not on biases and norms)."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
-                           {"params": no_decay, "weight_decay": 0}],
-                          lr=args.lr, momentum=0.9, nesterov=True)
-    loader = DataLoader(kdcache.WithIndex(Subset(train_set, keep), rows=rows[keep]),
-                        batch_size=min(args.batch_size, len(keep)),
-                        shuffle=True, drop_last=len(keep) % args.batch_size == 1,  # BatchNorm needs 2 a batch
-                        num_workers=args.workers,
-                        generator=torch.Generator().manual_seed(args.seed), persistent_workers=args.workers > 0)
-    total = args.epochs * len(loader)
-    warmup = max(int(0.02 * total), min(WARMUP_FLOOR, total // 4))  # kdcache train's warm-up
+    return torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+                            {"params": no_decay, "weight_decay": 0}],
+                           lr=args.lr, momentum=0.9, nesterov=True)
+
+
+def lr_factor(total: int):
+    """The learning rate's factor at each step of `total`: kdcache train's linear warm-up, then cosine to 0."""
+    warmup = max(int(0.02 * total), min(WARMUP_FLOOR, total // 4))
+    return lambda step: ((step + 1) / warmup if step < warmup else
+                         0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+
+def main(argv=None) -> float:
+    args = parse(argv)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    store, train_set, test_set, size, keep, rows = kept_subset(args)
+    targets = kdcache.TeacherTargets(args.cache, rows=rows, device=device)  # the kept rows, on the device once
+    loss_fn = targets.loss(alpha=alpha_of(args), temperature=args.temperature)
+
+    model = build_model(args.arch, store.num_classes, size).to(device)
+    opt = sgd(model, args)
+    loader = train_loader(args, train_set, keep, rows)
+    factor = lr_factor(args.epochs * len(loader))
     step, seen, start = 0, 0, time.perf_counter()
     for epoch in range(args.epochs):
         model.train()
         for x, y, index in loader:
-            lr = args.lr * ((step + 1) / warmup if step < warmup else
-                            0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+            lr = args.lr * factor(step)
             for group in opt.param_groups:
                 group["lr"] = lr
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -195,6 +195,8 @@ class TrainConfig:
     eval_batch_size: int = option(512, "Test-set batch size: larger is faster on a GPU, smaller fits less memory "
                                        "(evaluation runs in eval mode, so the accuracy does not depend on it).",
                                   result=False, protocol="runner")
+    tensorboard: bool = option(False, "Also log each epoch's metrics to TensorBoard in OUT/tensorboard "
+                                      "(pip install 'kdcache[tensorboard]').", result=False, protocol="runner")
     teacher_online: str | None = option(None, "Run this teacher in the loop instead of reading a cache.",
                                         protocol="runner")
     teacher_checkpoint: str | None = option(None, "Checkpoint of --teacher-online.", path=True, protocol="runner")

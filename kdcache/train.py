@@ -213,6 +213,14 @@ class LateProgress:
         return ready
 
 
+def _summary_writer():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install 'kdcache[tensorboard]'") from None
+    return SummaryWriter
+
+
 class Trainer:
     """One run. Built in pipeline order: the subset, the teacher, the student and its data, the
     schedule and optimiser, the run's record (or the checkpoint it resumes), the dynamics recorder."""
@@ -304,6 +312,7 @@ class Trainer:
         """(first epoch, step, seconds trained): from the last checkpoint when resuming, else a new record."""
         ckpt, metrics = self.out / CHECKPOINT, self.out / METRICS
         start = (0, 0, 0.0)
+        board = _summary_writer() if self.cfg.tensorboard and self.rank == 0 else None
         self.out.mkdir(parents=True, exist_ok=True)
         if self.cfg.resume and ckpt.is_file():
             state = torch.load(ckpt, map_location=self.device, weights_only=False)
@@ -332,6 +341,8 @@ class Trainer:
         if self.rank == 0:
             write_json(self.out / "config.json", self.config)
             save_npy(self.out / "indices.npy", self.indices)
+        # TensorBoard's copy of the metrics rows (step: the epoch); a resumed run drops the epochs it redoes
+        self.board = board and board(str(self.out / "tensorboard"), purge_step=start[0] + 1 if start[0] else None)
         return start
 
     def _recorder(self, labels: np.ndarray | None):
@@ -426,6 +437,11 @@ class Trainer:
                "first_in_process": epoch == self.start_epoch, "elapsed": self.elapsed}
         with open(self.out / METRICS, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.board is not None:
+            for name, value in row.items():
+                if name not in ("epoch", "step", "first_in_process") and value is not None:
+                    self.board.add_scalar(name, value, epoch + 1)
+            self.board.flush()
         _crash_point(f"{epoch + 1}:metrics")
         self.checkpoint(epoch + 1)
         test = f"{self.test_acc:.4f}" if evaluated else "-"
@@ -450,6 +466,8 @@ class Trainer:
             save_checkpoint(self.out / "model.pt", self.model, arch=self.cfg.arch, num_classes=self.info.num_classes,
                             image_size=self.info.image_size, test_acc=self.test_acc,
                             dataset_fingerprint=self.info.dataset_fingerprint, config=self.config)
+            if self.board is not None:
+                self.board.close()
             write_json(self.out / SUMMARY, summary)  # last: its presence marks a finished run
             (self.out / CHECKPOINT).unlink(missing_ok=True)
         if self.world > 1:

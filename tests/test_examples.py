@@ -1,10 +1,12 @@
 """The examples run as a user runs them, on tiny data."""
+import csv
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, SUBPROCESS_TIMEOUT
-from test_api import make_folder_store
+from conftest import ROOT, SUBPROCESS_TIMEOUT, make_folder_store
+
+pytestmark = pytest.mark.slow  # each test spawns the example as a process
 
 
 @pytest.fixture(scope="module")
@@ -12,18 +14,20 @@ def folder(tmp_path_factory):
     return make_folder_store(tmp_path_factory.mktemp("examples"))
 
 
-def _run(script, *args):
+def _run(script, *args, cwd=None):
     return subprocess.run([sys.executable, str(ROOT / "examples" / script), *map(str, args)], capture_output=True,
-                          text=True, timeout=SUBPROCESS_TIMEOUT, env={"OMP_NUM_THREADS": "1",
+                          text=True, timeout=SUBPROCESS_TIMEOUT, cwd=cwd, env={"OMP_NUM_THREADS": "1",
                                                                         "CUDA_VISIBLE_DEVICES": "",
                                                                         "PATH": "/usr/bin:/bin"})
 
 
-def test_own_loop_help_lists_its_options():
-    result = _run("own_loop.py", "--help")
+@pytest.mark.parametrize("script", ["own_loop.py", "lightning_module.py"])
+def test_examples_help_lists_their_options(script):
+    result = _run(script, "--help")
     assert result.returncode == 0
     for option in ("--data", "--cache", "--fraction", "--epochs", "--arch"):
         assert option in result.stdout
+    assert ("--out" in result.stdout) == (script == "lightning_module.py")
 
 
 def test_own_loop_trains_on_an_image_folder_joined_by_keys(folder):
@@ -46,3 +50,26 @@ def test_own_loop_refuses_a_store_of_another_folder_in_one_line(folder, tmp_path
                   "--workers", 0)
     assert result.returncode == 1 and result.stderr.strip().count("\n") == 0
     assert "1 of 15 samples are not in store" in result.stderr and "'ant/new.png'" in result.stderr
+
+
+def test_lightning_module_trains_on_the_kept_subset_quietly(folder, tmp_path):
+    pytest.importorskip("lightning")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    result = _run("lightning_module.py", "--data", folder / "src", "--cache", folder / "c.zarr", "--fraction", 0.6,
+                  "--epochs", 2, "--arch", "resnet8", "--batch-size", 3, "--workers", 0, "--out", tmp_path / "out",
+                  cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 3, result.stdout  # one line an epoch and the accuracy: no banner, no progress bar
+    # every epoch trained on exactly the 9 store rows of round(0.6 * 15) kept (3 batches of 3, none dropped);
+    # a row outside them would have been refused by TeacherTargets
+    assert [line.split()[:2] for line in lines[:-1]] == [["epoch=1", "samples=9"], ["epoch=2", "samples=9"]]
+    assert lines[-1].startswith("test_acc=")
+    accuracy = float(lines[-1].removeprefix("test_acc="))
+    assert 0 <= accuracy <= 1 and any(abs(accuracy - i / 6) < 1e-4 for i in range(7))  # 6 test images
+    assert "available:" not in result.stdout + result.stderr  # Lightning's device banner is silenced
+    assert list(cwd.iterdir()) == []  # no lightning_logs/ or checkpoints in the working directory
+    with open(tmp_path / "out" / "metrics.csv") as f:  # the CSV log went into --out
+        epochs = {row["epoch"] for row in csv.DictReader(f) if row.get("loss")}
+    assert epochs == {"0", "1"}
