@@ -182,7 +182,8 @@ def test_sparse_targets_claim():
     labels = [c["label"].split(": ", 1)[1] for c in _claims(runs)[8]["comparisons"]]
     assert labels == ["top-1 vs full logits", "3 sampled draws vs full logits"]  # bytes unknown: not claimed
     for r in runs:  # as summary.json gives them: the store's measured bytes per sample
-        r["summary"]["cache_bytes_per_sample"] = 3 * (r["config"]["topk"] or 0) + 2 * (r["config"]["sample"] or 0)
+        c = r["config"]
+        r["summary"]["cache_bytes_per_sample"] = 3 * (c.get("topk") or 0) + 2 * (c.get("sample") or 0)
     comps = _claims(runs)[8]["comparisons"]
     assert [c["label"].split(": ", 1)[1] for c in comps] == ["top-1 (3 bytes per sample) vs full logits",
                                                              "3 sampled draws (6 bytes per sample) vs full logits"]
