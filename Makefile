@@ -7,7 +7,7 @@ APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo paper views targets smoke lint bench bench-loader bench-dump bench-train bench-study bench-gpu bench-host clean
+.PHONY: install test test-fast demo paper views targets crops cifar10-folder smoke lint bench bench-loader bench-dump bench-train bench-study bench-gpu bench-host clean
 
 install: $(STAMP)
 
@@ -44,6 +44,27 @@ study-%: install
 paper: study-paper-cpu
 views: study-views-cpu
 targets: study-targets-cpu
+crops: study-crops-cpu
+
+# CIFAR-10 from ../shared written as an image folder (train/ and val/, a folder per class, lossless PNG, in
+# index order), once: the ImageNet-style input of protocols/crops-cpu.toml, whose [data] converts it with
+# `kdcache data imagefolder --max-side 32` (students see 28 px random-resized crops).
+CIFAR10_SRC := ../shared/datasets/cifar10
+CIFAR10_FOLDER := runs/cifar10-folder
+
+cifar10-folder: $(CIFAR10_FOLDER)/.done
+
+$(CIFAR10_FOLDER)/.done: | $(STAMP)
+	rm -rf $(CIFAR10_FOLDER) $(CIFAR10_FOLDER).tmp
+	$(PY) -c 'import sys; from pathlib import Path; from PIL import Image; from kdcache.sources import load_source; \
+	s = load_source("cifar10", sys.argv[1]); out = Path(sys.argv[2]); \
+	[(p.parent.mkdir(parents=True, exist_ok=True), Image.fromarray(x).save(p)) \
+	 for split, d in (("train", s.train), ("val", s.test)) for i, (x, y) in enumerate(zip(d.images, d.labels)) \
+	 for p in [out / split / s.classes[y] / f"{i:05d}.png"]]' $(CIFAR10_SRC) $(CIFAR10_FOLDER).tmp
+	mv $(CIFAR10_FOLDER).tmp $(CIFAR10_FOLDER)
+	touch $@
+
+study-crops-cpu: cifar10-folder
 
 # The whole study chain on tiny synthetic data (protocols/smoke.toml).
 smoke: install

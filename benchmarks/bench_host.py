@@ -85,7 +85,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=8)
     p.add_argument("--arch", default="resnet8")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 128])
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timed epochs of each mode; the median counts")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timed epochs of each mode; the median counts")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the least noise on a shared machine)")
     p.add_argument("--workers", type=int, default=1, help="FFCV loader threads of the FFCV path")
     args = p.parse_args()

@@ -35,7 +35,15 @@ def rows_of(r: dict) -> list[tuple[str, float, float | None, str]]:
                          f"({b['ffcv_ratio']:.2f}x); {r['arch']}, {r['image_size']} px"))
     elif r["benchmark"] == "dump":
         rows.append(("dump / bare teacher inference", r["ratio"], 0.95,
-                     f"{r['dump_samples_per_s']:,.0f} vs {r['bare_samples_per_s']:,.0f} samples/s, {r['teacher']}"))
+                     f"{r['dump_samples_per_s']:,.0f} vs {r['bare_samples_per_s']:,.0f} samples/s, {r['teacher']}"
+                     + (f", {r['num_samples']:,} samples end to end" if "num_samples" in r else "")))
+        if "per_sample_ratio" in r:  # fitted over two sizes (bench_dump.py)
+            sizes = " and ".join(f"{int(n):,}" for n in r["by_size"])
+            d, b = r["fit"]["dump"], r["fit"]["bare"]
+            rows.append(("dump / bare teacher inference: per-sample rate", r["per_sample_ratio"],
+                         r["goal_per_sample_ratio"],
+                         f"fitted over {sizes} samples: {d['per_sample_us']:,.1f} vs {b['per_sample_us']:,.1f} us per "
+                         f"sample; the dump's fixed overhead {r['fixed_overhead_s']:.2f} s, {r['teacher']}"))
     elif r["benchmark"] == "train":
         ips = r["images_per_sec"]
         rows.append(("cached KD / CE only", r["cached_over_ce"], 0.97,

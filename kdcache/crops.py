@@ -1,22 +1,23 @@
-"""Random-resized crops for image folders, drawn per sample from (seed, epoch, sample index) and made on
-the device in one batched crop-and-resize.
+"""Random-resized crops for image folders, drawn per sample from (seed, epoch, sample index) and cut by
+FFCV's decoder from a table of boxes.
 
 FFCV's RandomResizedCropRGBImageDecoder draws its boxes from an unseeded generator inside the decoder:
-two runs with one seed saw other pixels, and a stored view could not be replayed. Here FFCV only
-decodes each stored image onto a fixed square canvas (`CanvasDecoder`: the whole image, resized to
-max_side x max_side; no stored pixel is lost since the longest side already is max_side), and the crop
-box (drawn as torchvision's RandomResizedCrop draws it, on the stored image's own height and width) is
-cut out of the canvas and resized by `torchvision.ops.roi_align` for the whole batch at once. A box is
-kept as normalised coordinates in uint16 (1/65535 of a side, as FKD keeps its boxes compactly), so a
-stored view and a training crop are made by the same function from the same numbers: `apply_crop`.
+two runs with one seed saw other pixels, and a stored view could not be replayed. Here the box (drawn as
+torchvision's RandomResizedCrop draws it, on the stored image's own height and width) and the flip are
+drawn on the host for a whole epoch at once, written into a table, and FFCV's decoder (`table_decoder`)
+cuts each sample's box from the decoded image in its own threads with its own resize (what its random
+crop does with a random box), then mirrors it where flipped. A box is kept as normalised coordinates in
+uint16 (1/65535 of a side, as FKD keeps its boxes compactly; they map back to the drawn pixels exactly),
+so a stored view and a training crop are made by the same code from the same numbers.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
-import torch
 
+from .errors import UserError
 from .rng import uniforms
 
 SCALE = (0.08, 1.0)        # torchvision RandomResizedCrop's defaults: area fraction ...
@@ -27,16 +28,29 @@ PARAMS = 5                 # a crop: (y0, x0, y1, x1, flip), uint16
 _VIEW_STREAMS = 1 << 40    # draw's epoch for stored view v is this + v: never a training epoch's
 
 
-def recipe(size: int) -> str:
-    """The stored views' recipe, recorded as the store's `view_recipe`: what a replay must match."""
-    return f"random-resized-crop-flip scale=({SCALE[0]:g},{SCALE[1]:g}) ratio=(3/4,4/3) size={size}"
+def recipe(size: int, side: int) -> str:
+    """The stored views' recipe, recorded as the store's `view_recipe`: what a replay must match. `size`:
+    the side of the crops models see; `side`: the longest stored side of the images they are cut from (the
+    same source converted at another --max-side gives other pixels for the same boxes); `resize=ffcv`: how a box
+    is resized (FFCV's own resize, `table_decoder`)."""
+    return (f"random-resized-crop-flip scale=({SCALE[0]:g},{SCALE[1]:g}) ratio=(3/4,4/3) size={size} from={side} "
+            "resize=ffcv")
 
 
 def view_recipe(info) -> str:
     """What a stored view of this data (a DatasetInfo) is: small images' pad-4 crop + flip, image folders'
     random-resized crop + flip at the side models see."""
     from .augment import VIEW_RECIPE
-    return VIEW_RECIPE if info.small else recipe(info.image_size)
+    return VIEW_RECIPE if info.small else recipe(info.image_size, info.max_side)
+
+
+def check_size(info) -> None:
+    """Refuse (UserError) crops of an image folder (a DatasetInfo) larger than its stored images allow (their
+    longest side is max_side: a larger crop would only enlarge pixels)."""
+    if info.image_size > info.max_side:
+        raise UserError(f"{info.path}: crops of {info.image_size} px are larger than its images allow (stored "
+                        f"at {info.max_side} px at most): convert the data again with a larger --max-side "
+                        "or a smaller --crop-side")
 
 
 def boxes(u: np.ndarray, height: np.ndarray, width: np.ndarray) -> np.ndarray:
@@ -97,56 +111,97 @@ def view_params(seed: int, index: np.ndarray, views: int, height: np.ndarray, wi
 
 def centre(height: np.ndarray, width: np.ndarray, ratio: float) -> np.ndarray:
     """(n, 5) uint16: the centre crop FFCV's CenterCropRGBImageDecoder takes (a square `ratio` of the
-    shorter side), unflipped: the clean image, made by `apply_crop` like every view."""
+    shorter side), unflipped: the clean image, cut by `table_decoder` like every view."""
     height, width = np.asarray(height, np.int64), np.asarray(width, np.int64)
     c = (ratio * np.minimum(height, width)).astype(np.int64)
     box = np.stack([(height - c) // 2, (width - c) // 2, c, c], axis=1)
     return encode(box, height, width, np.zeros(len(box), bool))
 
 
-def apply_crop(canvas: torch.Tensor, params: torch.Tensor, size: int) -> torch.Tensor:
-    """The crops (B, 5) `params` describe of the canvases (B, C, S, S) (raw float pixels), each resized to
-    `size` x `size` and mirrored where its flip is set: the one function that makes a crop's pixels,
-    for the dump's teacher and the trainer's student alike. roi_align averages ceil(box / size) samples
-    per output pixel each way, so a large box is shrunk without aliasing."""
-    from torchvision.ops import roi_align
-
-    b, _, s, t = canvas.shape
-    p = params.to(torch.float32)
-    corners = p[:, :4] / UNIT
-    rois = torch.stack([torch.arange(b, device=canvas.device, dtype=torch.float32),
-                        corners[:, 1] * t, corners[:, 0] * s, corners[:, 3] * t, corners[:, 2] * s], dim=1)
-    out = roi_align(canvas, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    return torch.where(params[:, 4].bool().view(-1, 1, 1, 1), out.flip(3), out)
-
-
 def image_sizes(beton: str) -> tuple[np.ndarray, np.ndarray]:
-    """Every stored image's (heights, widths) in sample-index order, from the beton's metadata table."""
+    """Every stored image's (heights, widths) in sample-index order, from the beton's metadata table. The
+    crop tables are by beton position: kdcache's betons hold sample i at position i (`kdcache data`)."""
     from ffcv.reader import Reader
 
     meta = Reader(str(beton)).metadata
-    order = meta["f2"].astype(np.int64)  # fields: f0 image, f1 label, f2 index
-    height, width = np.empty(len(meta), np.int64), np.empty(len(meta), np.int64)
-    height[order], width[order] = meta["f0"]["height"], meta["f0"]["width"]
-    return height, width
+    if not np.array_equal(meta["f2"], np.arange(len(meta))):  # fields: f0 image, f1 label, f2 index
+        raise UserError(f"{beton}: its samples are not stored in index order; convert it with kdcache data")
+    return meta["f0"]["height"].astype(np.int64), meta["f0"]["width"].astype(np.int64)
 
 
-def full_image(height, width, _, __):
-    """FFCV crop generator: the whole image (then resized onto the canvas)."""
-    return 0, 0, height, width
+def table_decoder(size: int, table: np.ndarray):
+    """An FFCV decoder that decodes each stored image and cuts from it the crops `table` (beton positions,
+    V, 5) uint16 holds for its sample (boxes and flips as `draw` makes them), each resized to `size` x
+    `size` by FFCV's own resize (OpenCV's, what FFCV's random-resized crop uses) and
+    mirrored where its flip is set: the one code that makes a crop's pixels, for the dump's teacher and
+    the trainer's student alike. Output per sample: (size, size, 3) uint8 when V is 1, else (V, size,
+    size, 3).
 
+    The table is read while batches are decoded: numba compiles its address in, not its contents, so the
+    loader refills it in place before each epoch (and never while an epoch is being decoded). It must
+    stay alive and C-contiguous as long as the decoder is used."""
+    import numba
+    from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
 
-def canvas_decoder(side: int):
-    """An FFCV decoder that resizes each whole stored image onto a `side` x `side` canvas."""
-    from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder
+    assert table.dtype == np.uint16 and table.ndim == 3 and table.shape[2] == PARAMS and table.flags.c_contiguous
+    n, views = table.shape[:2]
 
-    class CanvasDecoder(ResizedCropRGBImageDecoder):
-        def __init__(self, output_size):
-            super().__init__(output_size)
-            self.scale, self.ratio = None, 1.0
+    @intrinsic
+    def pointer(typingctx, address):  # an integer address as a pointer numba.carray can view
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], cgutils.voidptr_t)
+        return types.voidptr(types.intp), codegen
 
-        @property
-        def get_crop_generator(self):
-            return full_image
+    class TableCropDecoder(ResizedCropRGBImageDecoder):
+        get_crop_generator = None  # the boxes come from the table
 
-    return CanvasDecoder((side, side))
+        def declare_state_and_memory(self, previous_state):
+            state, (out, scratch) = super().declare_state_and_memory(previous_state)
+            if views == 1:
+                return state, (out, scratch)
+            shape = (views, size, size, 3)
+            return replace(state, shape=shape), (AllocationQuery(shape, out.dtype), scratch)
+
+        def generate_code(self):
+            jpg, mem_read, my_range = IMAGE_MODES["jpg"], self.memory_read, Compiler.get_iterator()
+            imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+            address, unit = table.ctypes.data, float(UNIT)
+
+            def decode(batch_indices, my_storage, metadata, storage_state):
+                destination, temp_storage = my_storage
+                boxes = numba.carray(pointer(address), (n, views, 5), np.uint16)
+                out = destination.reshape(len(destination), views, size, size, 3)
+                for dst_ix in my_range(len(batch_indices)):
+                    source_ix = batch_indices[dst_ix]
+                    field = metadata[source_ix]
+                    image_data = mem_read(field["data_ptr"], storage_state)
+                    height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                    if field["mode"] == jpg:
+                        image = temp_storage[dst_ix]
+                        imdecode_c(image_data, image, height, width, height, width, 0, 0, 1, 1, False, False)
+                        image = image.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                    else:
+                        image = image_data.reshape(height, width, 3)
+                    h, w = np.float64(height) / unit, np.float64(width) / unit
+                    for v in range(views):
+                        box = boxes[source_ix, v]  # normalised corners back to the drawn pixels (exact)
+                        crop = out[dst_ix, v]
+                        resize_crop_c(image, np.int64(box[0] * h + 0.5), np.int64(box[2] * h + 0.5),
+                                      np.int64(box[1] * w + 0.5), np.int64(box[3] * w + 0.5), crop)
+                        if box[4]:
+                            last = size - 1
+                            for r in range(size):
+                                for c in range(size // 2):
+                                    for ch in range(3):
+                                        crop[r, c, ch], crop[r, last - c, ch] = crop[r, last - c, ch], crop[r, c, ch]
+                return destination[:len(batch_indices)]
+            decode.is_parallel = True
+            return decode
+
+    return TableCropDecoder((size, size))

@@ -8,11 +8,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import shlex
-import sys
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +18,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import __version__, store
-from .dump import DIE_AFTER_ENV, _batch_outputs, _Chunks, _finish, _store_batch, _to_host, _Writer, prepare_store
+from .dump import _finish, _Sink, autocast, prepare_store, store_attrs, store_targets
 from .errors import UserError
-from .files import now
-from .models import last_linear
 
 
 @dataclass(frozen=True)
@@ -56,16 +50,12 @@ def dump_dataset(model: nn.Module, dataset: Dataset, out: str | Path, *, data: s
         raise UserError(f"topk must be between 1 and {split.num_classes - 1}")
     if sample and topk:
         raise UserError("give either topk or sample, not both")
-    targets = {"topk": topk, "temperature": temperature if topk or sample else None, "sample": sample,
-               "sample_seed": sample_seed if sample else None, "views": 1, "view_seed": None, "view_recipe": None}
+    targets = store_targets(topk=topk, temperature=temperature, sample=sample, sample_seed=sample_seed)
     dev = torch.device(device)
     model = model.to(dev).eval()
-    attrs = store.root_attrs(store.LOGITS_KIND, split, teacher=teacher or type(model).__name__, checkpoint=None,
-                             checkpoint_sha256=_weights_sha256(model), teacher_accuracy=None,
-                             command=shlex.join(sys.argv), created=now(), chunk_rows=chunk_rows, source="dataset",
-                             **targets)
-    prepare_store(str(out), attrs, overwrite)
-    group = store.open_store(str(out), "r+")
+    attrs = store_attrs(split, targets, teacher=teacher or type(model).__name__, chunk_rows=chunk_rows,
+                        checkpoint=None, checkpoint_sha256=_weights_sha256(model), source="dataset")
+    group = prepare_store(str(out), attrs, overwrite)
     store.write_keys(group, split.manifest)
     done = group[store.CHUNKS_DONE][:]
     todo = np.flatnonzero(done == 0)
@@ -123,26 +113,11 @@ def _run(model, dataset, labels, group, todo, split, batch_size, chunk_rows, tar
     n = split.size
     rows = np.concatenate([np.arange(k * chunk_rows, min((k + 1) * chunk_rows, n)) for k in todo])
     loader = DataLoader(Subset(dataset, rows.tolist()), batch_size=batch_size, shuffle=False, num_workers=workers)
-    hook: dict = {}
-    fc = last_linear(model)
-    handle = fc.register_forward_pre_hook(lambda module, args: hook.__setitem__("features", args[0]))
-    die_after = os.environ.get(DIE_AFTER_ENV)
-    writer = _Writer(group, int(die_after) if die_after else None)
-    writer.start()
-    chunks = _Chunks(n, chunk_rows, writer)
-    idx_dtype = store.index_dtype(split.num_classes)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
     start = 0
-    try:
-        with torch.inference_mode(), autocast:
-            for x, y in loader:
-                index = torch.from_numpy(rows[start:start + len(x)])
-                start += len(x)
-                y = torch.as_tensor(y, dtype=torch.long)
-                out = _batch_outputs(model, hook, x.to(dev), y.to(dev), targets, fc.bias is not None, [])
-                _store_batch(_to_host(out, y, index), chunks, idx_dtype, targets)
-    finally:
-        handle.remove()
-        writer.close()
-    if writer.error is not None:
-        raise writer.error
+    with _Sink(model, group, n, chunk_rows, split.num_classes, targets) as sink, torch.inference_mode(), autocast(dev):
+        for x, y in loader:
+            index = torch.from_numpy(rows[start:start + len(x)])
+            start += len(x)
+            y = torch.as_tensor(y, dtype=torch.long)
+            sink.put(sink.outputs(x.to(dev), y.to(dev), []), y, index)
+        sink.close()

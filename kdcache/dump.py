@@ -4,6 +4,11 @@ The store is written in chunks of `chunk_rows` samples. A chunk's rows are buffe
 to a writer thread when complete (so the teacher never waits on storage) and flagged in
 `chunks_done` only after its data is written: a killed dump resumes at the first unflagged chunk.
 Under torchrun, rank r dumps the chunks c with c % world_size == r.
+
+What a dump costs beyond bare inference is mostly fixed (`benchmarks/bench_dump.py` fits it): loading and
+hashing the checkpoint (at once, in two threads), creating the store's arrays (concurrently), the loader,
+and draining the writer at the end. Per batch it adds the scores' kernels, the copies to the host and the
+chunk bookkeeping, done for a batch only once `PIPELINE_DEPTH` later ones are queued on the device.
 """
 from __future__ import annotations
 
@@ -13,12 +18,16 @@ import shlex
 import signal
 import sys
 import threading
-from contextlib import nullcontext
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import zarr
 
 from . import crops, store
 from .augment import VIEW_RECIPE, apply_view, view_params
@@ -35,6 +44,7 @@ from .sparse import sample_targets
 PROBS = "probs"  # a batch's tempered teacher probabilities, on their way to be sampled (not stored)
 
 DIE_AFTER_ENV = "KDCACHE_DIE_AFTER_CHUNKS"  # tests: SIGKILL this process after that many chunks
+PIPELINE_DEPTH = 2  # batches queued on the device before the oldest one's outputs are stored on the host
 
 
 def load_teacher(name: str, checkpoint: str | None, pretrained: bool, info: DatasetInfo,
@@ -47,9 +57,13 @@ def load_teacher(name: str, checkpoint: str | None, pretrained: bool, info: Data
     # the teacher's own preprocessing (a timm teacher's mean, std and input size), recorded in the store
     own = {"mean": list(info.mean), "std": list(info.std), "input_size": info.image_size}
     if checkpoint:
-        model = load_teacher_checkpoint(checkpoint, name, info.num_classes, info.image_size, device,
-                                        mean=info.mean, std=info.std)
-        return model, {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
+        # hashed while torch.load reads the same file (hashlib releases the GIL): a fixed cost paid once
+        with ThreadPoolExecutor(1) as pool:
+            digest = pool.submit(sha256_file, checkpoint)
+            model = load_teacher_checkpoint(checkpoint, name, info.num_classes, info.image_size, device,
+                                            mean=info.mean, std=info.std)
+            sha256 = digest.result()
+        return model, {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256,
                        "teacher_preprocessing": getattr(model, "preprocessing", own)}
     model = build_model(name, info.num_classes, info.image_size, pretrained=True)
     if name.startswith(TIMM):
@@ -78,8 +92,25 @@ def _say(value) -> str:
     return "none" if value is None else str(value)
 
 
-def prepare_store(url: str, attrs: dict, overwrite: bool) -> None:
-    """Create the store, or check that the one at `url` is this dump's (to resume it)."""
+def store_targets(*, topk: int | None, temperature: float, sample: int | None, sample_seed: int, views: int = 1,
+                  view_seed: int | None = None, view_recipe: str | None = None) -> dict:
+    """What a store's targets are, as its layout attributes record them (`kdcache dump` and `dump_dataset`
+    alike): None where an option does not apply (full logits serve any temperature)."""
+    multi = views > 1
+    return {"topk": topk, "temperature": temperature if topk or sample else None, "sample": sample,
+            "sample_seed": sample_seed if sample else None, "views": views,
+            "view_seed": view_seed if multi else None, "view_recipe": view_recipe if multi else None}
+
+
+def store_attrs(split, targets: dict, *, teacher: str, chunk_rows: int, **identity) -> dict:
+    """The root attributes a dump's store starts with: `split` is the training split's DatasetInfo (or what
+    stands for it), `identity` the teacher's weights (checkpoint, checkpoint_sha256, ...)."""
+    return store.root_attrs(store.LOGITS_KIND, split, teacher=teacher, **identity, teacher_accuracy=None,
+                            command=shlex.join(sys.argv), created=now(), chunk_rows=chunk_rows, **targets)
+
+
+def prepare_store(url: str, attrs: dict, overwrite: bool) -> zarr.Group:
+    """Create the store, or check that the one at `url` is this dump's (to resume it); return it, open."""
     old = store.existing_store(url)
     if old is not None and not overwrite:
         have = old.attrs.asdict()
@@ -93,7 +124,7 @@ def prepare_store(url: str, attrs: dict, overwrite: bool) -> None:
                                 f"{_say(attrs[key])}); pass --overwrite to start over")
         group = store.open_store(url, "r+")
         if store.CHUNKS_DONE in group:  # created in full earlier: resume
-            return
+            return group
     else:  # attributes with the group, in one write: there is never a store without them
         group = store.create_store(url, attrs, overwrite=old is not None)
     store.create_logit_arrays(group, num_samples=attrs["num_samples"], num_classes=attrs["num_classes"],
@@ -101,6 +132,7 @@ def prepare_store(url: str, attrs: dict, overwrite: bool) -> None:
                               scores=TEACHER_SCORES, views=attrs["views"],
                               view_layout=(3, "int8") if attrs["view_recipe"] in (None, VIEW_RECIPE) else
                               (crops.PARAMS, "uint16"))
+    return group
 
 
 class _Writer(threading.Thread):
@@ -111,6 +143,7 @@ class _Writer(threading.Thread):
         self.group, self.die_after, self.done = group, die_after, 0
         self.queue: queue.Queue = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
+        self.arrays: dict = {}  # opened once: opening an array reads its metadata from storage
 
     def run(self) -> None:
         while (chunk := self.queue.get()) is not None:
@@ -123,12 +156,17 @@ class _Writer(threading.Thread):
     def write(self, chunk: dict) -> None:
         c, rows = chunk["chunk"], slice(chunk["start"], chunk["stop"])
         for name, values in chunk["arrays"].items():
-            self.group[name][rows] = values
-        self.group[store.CHUNK_CORRECT][c] = chunk["correct"]
-        self.group[store.CHUNKS_DONE][c] = 1  # last: the chunk's data is on storage
+            self.array(name)[rows] = values
+        self.array(store.CHUNK_CORRECT)[c] = chunk["correct"]
+        self.array(store.CHUNKS_DONE)[c] = 1  # last: the chunk's data is on storage
         self.done += 1
         if self.die_after is not None and self.done >= self.die_after:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def array(self, name: str):
+        if name not in self.arrays:
+            self.arrays[name] = self.group[name]
+        return self.arrays[name]
 
     def put(self, chunk: dict) -> None:
         while True:
@@ -213,7 +251,7 @@ def _store_batch(pending: dict, chunks: _Chunks, idx_dtype: np.dtype, targets: d
     index = h.pop("index").astype(np.int64)
     bad = ~h.pop("finite")
     stored = h.get(store.LOGITS, h.get(store.TOPK_VALUES, h.get(PROBS)))
-    bad |= ~np.isfinite(stored.astype(np.float32)).reshape(len(index), -1).all(1)  # beyond float16's range
+    bad |= ~np.isfinite(stored).reshape(len(index), -1).all(1)  # beyond float16's range: inf once halved
     if bad.any():
         raise UserError(f"the teacher's outputs for sample {int(index[bad].min())} are not finite "
                         "(nan, inf, or beyond float16's range)")
@@ -227,41 +265,112 @@ def _store_batch(pending: dict, chunks: _Chunks, idx_dtype: np.dtype, targets: d
     chunks.add(index, h, correct)
 
 
-def dump(cfg: DumpConfig | None = None, /, *, progress: bool = True, **options) -> dict:
+class _Sink:
+    """Where a pass's batches go: the teacher's outputs on a batch (GraNd's features from a hook on the last
+    layer's input), their copies to the host, and the chunk buffers the background writer stores. A batch's
+    outputs are stored once `PIPELINE_DEPTH` later batches are queued, so that the device computes those
+    meanwhile. `close` stores what is left and waits for the writer; use it as a context manager."""
+
+    def __init__(self, model, group, num_samples: int, chunk_rows: int, num_classes: int, targets: dict):
+        self.model, self.targets, self.hook = model, targets, {}
+        fc = last_linear(model)
+        self.has_bias = fc.bias is not None
+        self.handle = fc.register_forward_pre_hook(lambda module, args: self.hook.__setitem__("features", args[0]))
+        die_after = os.environ.get(DIE_AFTER_ENV)
+        self.writer = _Writer(group, int(die_after) if die_after else None)
+        self.chunks = _Chunks(num_samples, chunk_rows, self.writer)
+        self.idx_dtype = store.index_dtype(num_classes)
+        self.pending: deque = deque()
+        self.closed = False
+
+    def __enter__(self) -> _Sink:
+        self.writer.start()
+        return self
+
+    def outputs(self, x: torch.Tensor, y: torch.Tensor, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return _batch_outputs(self.model, self.hook, x, y, self.targets, self.has_bias, views)
+
+    def put(self, out: dict[str, torch.Tensor], labels: torch.Tensor, index: torch.Tensor) -> None:
+        self.pending.append(_to_host(out, labels, index))
+        while len(self.pending) > PIPELINE_DEPTH:
+            _store_batch(self.pending.popleft(), self.chunks, self.idx_dtype, self.targets)
+
+    def close(self) -> None:
+        while self.pending:
+            _store_batch(self.pending.popleft(), self.chunks, self.idx_dtype, self.targets)
+        self._stop()
+        if self.writer.error is not None:
+            raise self.writer.error
+
+    def _stop(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.handle.remove()
+            self.writer.close()
+
+    def __exit__(self, *exc) -> None:
+        self._stop()  # after an error: the writer ends; the error is the one raised
+
+
+class Phases:
+    """Seconds per phase of a dump, added up into `into` when given (what benchmarks/bench_dump.py reports)."""
+
+    def __init__(self, into: dict | None = None):
+        self.into = into
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.into is not None:
+                self.into[name] = self.into.get(name, 0.0) + time.perf_counter() - start
+
+
+def autocast(dev: torch.device):
+    """The teacher's precision: bf16 autocast on a GPU, float32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+
+
+def dump(cfg: DumpConfig | None = None, /, *, progress: bool = True, timings: dict | None = None,
+         **options) -> dict:
     """Dump the teacher's logits and scores for every sample of the training beton `cfg.data` into the
     store at `cfg.out`, resuming a matching unfinished store. Returns the store's root attributes.
-    Keyword options instead of `cfg` build one (`dump(teacher=..., data=..., out=...)`)."""
+    Keyword options instead of `cfg` build one (`dump(teacher=..., data=..., out=...)`). `timings`, a
+    dict, receives the seconds each phase took: teacher (load and hash), store (create or check, keys),
+    loader, pass (inference and per-batch work), drain (the last batches and chunks), finish."""
     cfg = cfg or DumpConfig(**options)
+    phases = Phases(timings)
     info = dataset_info(cfg.data)
     topk, sample = cfg.topk or None, cfg.sample or None  # top-k "off" is 0 in options, None in the store
     _check_options(info, cfg.batch_size, cfg.chunk_rows, topk, cfg.temperature, sample, cfg.views)
-    multi = cfg.views > 1
-    targets = {"topk": topk, "temperature": cfg.temperature if topk or sample else None,  # full logits: any
-               "sample": sample, "sample_seed": cfg.sample_seed if sample else None, "views": cfg.views,
-               "view_seed": cfg.view_seed if multi else None, "view_recipe": crops.view_recipe(info) if multi else None}
+    targets = store_targets(topk=topk, temperature=cfg.temperature, sample=sample, sample_seed=cfg.sample_seed,
+                            views=cfg.views, view_seed=cfg.view_seed,
+                            view_recipe=crops.view_recipe(info) if cfg.views > 1 else None)
     dev = resolve_device(cfg.device)
     distributed = init_distributed(dev)
     try:
-        model, ident = load_teacher(cfg.teacher, cfg.checkpoint, cfg.pretrained, info, dev)
-        attrs = store.root_attrs(store.LOGITS_KIND, info, teacher=cfg.teacher, **ident, teacher_accuracy=None,
-                                 command=shlex.join(sys.argv), created=now(),
-                                 chunk_rows=cfg.chunk_rows, **targets)
-        _prepare_on_rank0(cfg.out, attrs, cfg.overwrite, distributed)
-        group = store.open_store(cfg.out, "r+")
-        if rank() == 0:
-            store.write_keys(group, info.manifest)
-        done = group[store.CHUNKS_DONE][:]
+        with phases("teacher"):
+            model, ident = load_teacher(cfg.teacher, cfg.checkpoint, cfg.pretrained, info, dev)
+        with phases("store"):
+            attrs = store_attrs(info, targets, teacher=cfg.teacher, chunk_rows=cfg.chunk_rows, **ident)
+            group = _prepare_on_rank0(cfg.out, attrs, cfg.overwrite, distributed) or store.open_store(cfg.out, "r+")
+            if rank() == 0:
+                store.write_keys(group, info.manifest)
+            done = group[store.CHUNKS_DONE][:]
         todo = [k for k in range(len(done)) if k % world_size() == rank() and not done[k]]
         if todo:
             _run(model, group, info, todo, batch_size=cfg.batch_size, chunk_rows=cfg.chunk_rows, targets=targets,
-                 dev=dev, workers=cfg.workers, progress=progress and rank() == 0)
+                 dev=dev, workers=cfg.workers, progress=progress and rank() == 0, phases=phases)
         if distributed:
             dist.barrier()
-        if rank() == 0:
-            _finish(group, cfg.out, info.size)
-        if distributed:
-            dist.barrier()
-        return store.open_store(cfg.out, "r").attrs.asdict()
+        with phases("finish"):
+            if rank() == 0:
+                _finish(group, cfg.out, info.size)
+            if distributed:
+                dist.barrier()
+            return store.open_store(cfg.out, "r").attrs.asdict()
     finally:
         if distributed:
             dist.destroy_process_group()
@@ -288,14 +397,16 @@ def _check_options(info: DatasetInfo, batch_size: int, chunk_rows: int, topk: in
         raise UserError("give either --topk or --sample, not both")
     if views < 1:
         raise UserError(f"--views must be at least 1, got {views}")
+    if views > 1 and not info.small:  # crop views are cut from the stored images
+        crops.check_size(info)
 
 
-def _prepare_on_rank0(out: str, attrs: dict, overwrite: bool, distributed: bool) -> None:
-    """Rank 0 creates or checks the store; the others learn the verdict before touching it."""
-    error = None
+def _prepare_on_rank0(out: str, attrs: dict, overwrite: bool, distributed: bool) -> zarr.Group | None:
+    """Rank 0 creates or checks the store (and gets it, open); the others learn the verdict before touching it."""
+    error = group = None
     if rank() == 0:
         try:
-            prepare_store(out, attrs, overwrite)
+            group = prepare_store(out, attrs, overwrite)
         except UserError as e:
             error = str(e)
     if distributed:
@@ -304,6 +415,7 @@ def _prepare_on_rank0(out: str, attrs: dict, overwrite: bool, distributed: bool)
         error = verdict[0]
     if error:
         raise UserError(error)
+    return group
 
 
 def _finish(group, out: str, num_samples: int) -> None:
@@ -315,58 +427,39 @@ def _finish(group, out: str, num_samples: int) -> None:
 
 
 def _run(model, group, info: DatasetInfo, todo: list[int], *, batch_size: int, chunk_rows: int,
-         targets: dict, dev: torch.device, workers: int, progress: bool) -> None:
+         targets: dict, dev: torch.device, workers: int, progress: bool, phases: Phases) -> None:
     from tqdm import tqdm
 
     n = info.size
     indices = np.concatenate([np.arange(k * chunk_rows, min((k + 1) * chunk_rows, n)) for k in todo])
     views = targets["views"]
-    folder = views > 1 and not info.small  # the clean image and each view cut from the canvas: kdcache.crops
-    batches = Batches(info, batch_size=batch_size, train=False, device=dev, indices=indices,
-                      num_workers=workers, normalise=views == 1, canvas=folder)
-    table = centre = None
-    if folder:
-        heights, widths = crops.image_sizes(info.path)
-        table = crops.view_params(targets["view_seed"], np.arange(n), views, heights, widths)
-        table, centre = (torch.from_numpy(t.astype(np.int32)).to(dev)
-                         for t in (table, crops.centre(heights, widths, CROP_RATIO)))
-    elif views > 1:
-        table = torch.from_numpy(view_params(targets["view_seed"], np.arange(n), views)).to(dev)
-    hook: dict = {}
-    fc = last_linear(model)
-    handle = fc.register_forward_pre_hook(lambda module, args: hook.__setitem__("features", args[0]))
-    die_after = os.environ.get(DIE_AFTER_ENV)
-    writer = _Writer(group, int(die_after) if die_after else None)
-    writer.start()
-    chunks = _Chunks(n, chunk_rows, writer)
-    idx_dtype = store.index_dtype(info.num_classes)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
-    pending = None
-    try:
-        with torch.inference_mode(), autocast:
+    folder = views > 1 and not info.small  # the clean image and each view cut by the decoder: kdcache.crops
+    with phases("loader"):
+        table = cut = None
+        if folder:  # per sample: the centre crop (scores, accuracy), then each stored view
+            heights, widths = crops.image_sizes(info.path)
+            boxes = crops.view_params(targets["view_seed"], np.arange(n), views, heights, widths)
+            cut = np.concatenate([crops.centre(heights, widths, CROP_RATIO)[:, None], boxes], axis=1)
+            table = torch.from_numpy(boxes.astype(np.int32)).to(dev)
+        elif views > 1:
+            table = torch.from_numpy(view_params(targets["view_seed"], np.arange(n), views)).to(dev)
+        batches = Batches(info, batch_size=batch_size, train=False, device=dev, indices=indices,
+                          num_workers=workers, normalise=views == 1, crops=cut)
+    with _Sink(model, group, n, chunk_rows, info.num_classes, targets) as sink, torch.inference_mode(), autocast(dev):
+        with phases("pass"):
             for x, y, index, _ in tqdm(batches, desc="dump", unit="batch", disable=not progress):
                 shown = []
                 if table is not None:  # x is raw: each view is made from it by the trainer's own function
                     params = table[index]
-                    if folder:
-                        shown = [batches.normalise(crops.apply_crop(x, params[:, v], info.image_size))
-                                 for v in range(views)]
-                        x = batches.normalise(crops.apply_crop(x, centre[index], info.image_size))
+                    if folder:  # x: (B, 1 + K, C, H, W), the centre crop and the views, cut by the decoder
+                        shown = [batches.normalise(x[:, 1 + v]) for v in range(views)]
+                        x = batches.normalise(x[:, 0])
                     else:
                         shown = [batches.normalise(apply_view(x, params[:, v])) for v in range(views)]
                         x = batches.normalise(x)
-                out = _batch_outputs(model, hook, x, y, targets, fc.bias is not None, shown)
+                out = sink.outputs(x, y, shown)
                 if table is not None:
                     out[store.VIEW_PARAMS] = params.to(torch.uint16) if folder else params
-                out = _to_host(out, y, index)
-                # store the previous batch while the device computes this one
-                if pending is not None:
-                    _store_batch(pending, chunks, idx_dtype, targets)
-                pending = out
-            if pending is not None:
-                _store_batch(pending, chunks, idx_dtype, targets)
-    finally:
-        handle.remove()
-        writer.close()
-    if writer.error is not None:
-        raise writer.error
+                sink.put(out, y, index)  # stores an earlier batch while the device computes this one
+        with phases("drain"):
+            sink.close()

@@ -7,10 +7,13 @@ split's fingerprint from the dataset manifest, and per-sample difficulty scores 
 """
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
 import zarr
+import zarr.api.asynchronous
+from zarr.core.sync import sync
 
 from . import __version__
 from .errors import UserError
@@ -192,35 +195,46 @@ def create_logit_arrays(group: zarr.Group, *, num_samples: int, num_classes: int
                         views: int = 1, view_layout: tuple[int, str] = (3, "int8")) -> None:
     """The arrays of a logit cache, empty: teacher outputs (full, top-k or sampled; per stored view when `views`
     > 1, with the views' parameters), labels, `scores` (name -> (higher_is_harder, description)) and the
-    per-chunk bookkeeping, created last: its presence means every other array exists."""
+    per-chunk bookkeeping, created last: its presence means every other array exists.
+
+    The arrays are created concurrently, each with its attributes (one metadata write per array, all in
+    flight at once: a dump's fixed cost), then the bookkeeping."""
     n, c = num_samples, num_classes
     rows = min(chunk_rows, max(n, 1))
     per_view = (views,) if views > 1 else ()
+    arrays = []  # (path, shape, dtype, chunks, attributes)
     if views > 1:
         width, dtype = view_layout  # per view: (dy, dx, flip) int8, or kdcache.crops' (y0, x0, y1, x1, flip) uint16
-        group.create_array(VIEW_PARAMS, shape=(n, views, width), dtype=dtype, chunks=(rows, views, width),
-                           overwrite=True)
+        arrays.append((VIEW_PARAMS, (n, views, width), dtype, (rows, views, width), None))
     if sample:
         k = min(sample, c)
-        group.create_array(SAMPLE_CLASSES, shape=(n, *per_view, k), dtype=index_dtype(c),
-                           chunks=(rows, *per_view, k), overwrite=True)
-        group.create_array(SAMPLE_COUNTS, shape=(n, *per_view, k), dtype=index_dtype(sample + 1),
-                           chunks=(rows, *per_view, k), overwrite=True)
+        arrays += [(SAMPLE_CLASSES, (n, *per_view, k), index_dtype(c), (rows, *per_view, k), None),
+                   (SAMPLE_COUNTS, (n, *per_view, k), index_dtype(sample + 1), (rows, *per_view, k), None)]
     elif topk is None:
-        group.create_array(LOGITS, shape=(n, *per_view, c), dtype="float16", chunks=(rows, *per_view, c),
-                           overwrite=True)
+        arrays.append((LOGITS, (n, *per_view, c), "float16", (rows, *per_view, c), None))
     else:
-        group.create_array(TOPK_VALUES, shape=(n, *per_view, topk), dtype="float16",
-                           chunks=(rows, *per_view, topk), overwrite=True)
-        group.create_array(TOPK_INDICES, shape=(n, *per_view, topk), dtype=index_dtype(c),
-                           chunks=(rows, *per_view, topk), overwrite=True)
-    group.create_array(LABELS, shape=(n,), dtype="int64", chunks=(rows,), overwrite=True)
-    for name, (harder, description) in scores.items():
-        create_score(group, name, n, higher_is_harder=harder, description=description, chunk_rows=rows)
+        arrays += [(TOPK_VALUES, (n, *per_view, topk), "float16", (rows, *per_view, topk), None),
+                   (TOPK_INDICES, (n, *per_view, topk), index_dtype(c), (rows, *per_view, topk), None)]
+    arrays.append((LABELS, (n,), "int64", (rows,), None))
+    arrays += [(f"{SCORES}/{name}", (n,), "float32", (rows,), {"higher_is_harder": harder, "description": description})
+               for name, (harder, description) in scores.items()]
     # one zarr chunk per flag, so that ranks never rewrite each other's
     m = num_chunks(n, chunk_rows)
-    group.create_array(CHUNK_CORRECT, shape=(m,), dtype="int64", chunks=(1,), fill_value=0, overwrite=True)
-    group.create_array(CHUNKS_DONE, shape=(m,), dtype="uint8", chunks=(1,), fill_value=0, overwrite=True)
+    bookkeeping = [(CHUNK_CORRECT, (m,), "int64", (1,), None), (CHUNKS_DONE, (m,), "uint8", (1,), None)]
+
+    async def create(root, specs: list[tuple]) -> None:
+        await asyncio.gather(*(root.create_array(path, shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
+                                                 attributes=attributes, overwrite=True)
+                               for path, shape, dtype, chunks, attributes in specs))
+
+    async def create_all() -> None:
+        root = await zarr.api.asynchronous.open_group(store=group.store, path=group.path, mode="r+")
+        if scores:
+            await root.require_group(SCORES)
+        await create(root, arrays)
+        await create(root, bookkeeping)
+
+    sync(create_all())
 
 
 def chunk_status(group: zarr.Group) -> tuple[int, int]:

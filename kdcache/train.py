@@ -32,7 +32,7 @@ from .beton import DatasetInfo
 from .config import DEFAULT_TEMPERATURE, WARMUP_FLOOR, TrainConfig
 from .crops import view_recipe
 from .device import init_distributed, rank, resolve_device, world_size
-from .distill import auto_alpha, kd_step
+from .distill import auto_alpha, autocast, kd_step
 from .errors import UserError
 from .files import atomic, save_npy, write_json, write_lines
 from .loader import Batches
@@ -389,8 +389,10 @@ class Trainer:
             if self.step % PROGRESS_EVERY == 0 and self.rank == 0:
                 done = progress.swap(sums)  # the previous window's sums, if the device has reached them
                 if done is not None:
+                    # refresh=False: shown at tqdm's next redraw (at most once a second), not written to the
+                    # terminal every PROGRESS_EVERY steps
                     bar.set_postfix(loss=f"{done[0] / done[4]:.3f}",
-                                    img_s=f"{done[4] * self.world / (progress.at - t0):.0f}")
+                                    img_s=f"{done[4] * self.world / (progress.at - t0):.0f}", refresh=False)
         return sums
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
@@ -398,7 +400,7 @@ class Trainer:
         s, cfg = self.schedule, self.cfg
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, s.total_steps, s.warmup_steps, cfg.lr)
-        with torch.autocast(self.device.type, self.amp, enabled=self.amp is not None):
+        with autocast(self.device.type, self.amp):
             target = self.teacher(x, index, view) if self.teacher is not None else None
         loss, ce, kl, logits = self.kd_step(self.net, x, target, y, self.alpha, self.temperature,
                                             cfg.label_smoothing, self.amp)

@@ -122,6 +122,21 @@ def test_store_holds_the_teachers_outputs(synth, ckpt, full):
     assert d["scores"]["margin"]["higher_is_harder"] is False
 
 
+def test_dump_reports_its_phases_and_equals_the_cli_dump(synth, ckpt, full, tmp_path):
+    """In process, with `timings`: the same store as the CLI's (outputs stored two batches behind the device),
+    and the seconds of each phase that benchmarks/bench_dump.py fits."""
+    from kdcache.dump import dump
+
+    timings = {}
+    attrs = dump(teacher="resnet20", checkpoint=str(ckpt), data=str(synth / "train.beton"),
+                 out=str(tmp_path / "c.zarr"), batch_size=64, chunk_rows=128, workers=1, progress=False,
+                 timings=timings)
+    assert set(timings) == {"teacher", "store", "loader", "pass", "drain", "finish"}
+    assert all(seconds >= 0 for seconds in timings.values())
+    assert_same_store(tmp_path / "c.zarr", full)
+    assert attrs["checkpoint_sha256"] == open_store(str(full)).attrs["checkpoint_sha256"]
+
+
 def test_topk_store_rebuilds_the_distribution(synth, ckpt, tmp_path):
     _, logits, _, _ = direct_outputs(synth, ckpt)
     out = tmp_path / "top2.zarr"
