@@ -25,6 +25,7 @@ WARMUP_FLOOR = 10  # steps: `--warmup` of a short run must not round to no warm-
 KEEP_ENDS = ("hard", "easy")
 AMP_MODES = ("bf16", "fp16", "off")
 DATA_PATHS = ("auto", "ffcv", "resident")
+TEACHER_PREPROCESSING = ("auto", "data")
 METHODS_HELP = ("random, ccs, or any score in the store (e.g. el2n, forgetting; `kdcache info STORE` says how "
                 "each was computed, e.g. the epoch of el2n_early)")
 CCS_SCORE_RULE = "aum if the store has it, else el2n"  # what ccs_score None means: default_ccs_score
@@ -55,6 +56,14 @@ def protocol_keys(cls: type, *where: str) -> dict[str, type]:
 def defaults(cls: type) -> dict:
     """{name: default} of the fields that have one."""
     return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def teacher_preprocessing_option() -> typing.Any:
+    """One option of the dump and of an online teacher alike (declared here once, used by both)."""
+    return option("auto", "A timm teacher from a state dict or timm checkpoint sees: auto, the input size, mean and "
+                          "std of the checkpoint's training args, else of timm's pretrained config; data, this "
+                          "dataset's own (a teacher trained on it at its size). kdcache's own model.pt always "
+                          "sees the dataset's.", choices=TEACHER_PREPROCESSING, protocol="runner")
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,7 @@ class DumpConfig(DumpOptions):
                                     protocol="runner")
     pretrained: bool = option(False, "Use torchvision's pretrained weights (needs network access or a cached "
                                      "download).", protocol="runner")
+    teacher_preprocessing: str = teacher_preprocessing_option()
     overwrite: bool = option(False, "Start over when --out holds another dump's store.", protocol="runner")
 
 
@@ -200,6 +210,7 @@ class TrainConfig:
     teacher_online: str | None = option(None, "Run this teacher in the loop instead of reading a cache.",
                                         protocol="runner")
     teacher_checkpoint: str | None = option(None, "Checkpoint of --teacher-online.", path=True, protocol="runner")
+    teacher_preprocessing: str = teacher_preprocessing_option()
     record_dynamics: bool = option(False, "Record per-sample training dynamics and derive scores.",
                                    protocol="teacher")
     dynamics_store: str | None = option(None, "Store for dynamics [default: OUT/dynamics.zarr].", protocol="runner")

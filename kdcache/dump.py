@@ -48,8 +48,9 @@ PIPELINE_DEPTH = 2  # batches queued on the device before the oldest one's outpu
 
 
 def load_teacher(name: str, checkpoint: str | None, pretrained: bool, info: DatasetInfo,
-                 device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """The teacher in eval mode, channels-last, and what identifies its weights."""
+                 device: torch.device, preprocessing: str = "auto") -> tuple[torch.nn.Module, dict]:
+    """The teacher in eval mode, channels-last, and what identifies its weights. `preprocessing`: "auto" gives a
+    timm teacher its own input size, mean and std (config.teacher_preprocessing_option); "data", the dataset's."""
     from .models import TIMM, build_model, load_teacher_checkpoint, sha256_file, with_own_preprocessing
 
     if bool(checkpoint) == bool(pretrained):
@@ -60,13 +61,14 @@ def load_teacher(name: str, checkpoint: str | None, pretrained: bool, info: Data
         # hashed while torch.load reads the same file (hashlib releases the GIL): a fixed cost paid once
         with ThreadPoolExecutor(1) as pool:
             digest = pool.submit(sha256_file, checkpoint)
+            own_size = preprocessing == "auto"
             model = load_teacher_checkpoint(checkpoint, name, info.num_classes, info.image_size, device,
-                                            mean=info.mean, std=info.std)
+                                            mean=info.mean if own_size else None, std=info.std if own_size else None)
             sha256 = digest.result()
         return model, {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256,
                        "teacher_preprocessing": getattr(model, "preprocessing", own)}
     model = build_model(name, info.num_classes, info.image_size, pretrained=True)
-    if name.startswith(TIMM):
+    if name.startswith(TIMM) and preprocessing == "auto":
         model = with_own_preprocessing(model, name, info.mean, info.std, info.image_size)
         source = f"timm-pretrained:{name.removeprefix(TIMM)}"
     else:
@@ -79,12 +81,12 @@ def load_teacher(name: str, checkpoint: str | None, pretrained: bool, info: Data
 
 # --- the store -------------------------------------------------------------------------------------
 
-IDENTITY = (store.TRAIN_FINGERPRINT, "teacher", "checkpoint_sha256")
+IDENTITY = (store.TRAIN_FINGERPRINT, "teacher", "checkpoint_sha256", "teacher_preprocessing")
 LAYOUT = ("num_samples", "num_classes", "chunk_rows", "topk", "temperature", "sample", "sample_seed", "views",
           "view_seed", "view_recipe")
 ADDED_LATER = {"views": 1}  # layout attributes of stores made before they existed: what such a store holds
 NAMES = {store.TRAIN_FINGERPRINT: "train fingerprint", "checkpoint_sha256": "checkpoint SHA-256",
-         "views": "number of views"}
+         "views": "number of views", "teacher_preprocessing": "teacher preprocessing"}
 
 
 def _say(value) -> str:
@@ -117,6 +119,8 @@ def prepare_store(url: str, attrs: dict, overwrite: bool) -> zarr.Group:
         if have.get(store.KIND) != store.LOGITS_KIND:
             raise UserError(f"{url} is not a teacher-logit cache; pass --overwrite to replace it")
         for key in IDENTITY + LAYOUT:
+            if key == "teacher_preprocessing" and key not in have:  # made before timm teachers: the data's own
+                continue
             value = have.get(key, ADDED_LATER.get(key))
             if value != attrs[key]:
                 what = NAMES.get(key, key.replace("_", " "))
@@ -352,7 +356,13 @@ def dump(cfg: DumpConfig | None = None, /, *, progress: bool = True, timings: di
     distributed = init_distributed(dev)
     try:
         with phases("teacher"):
-            model, ident = load_teacher(cfg.teacher, cfg.checkpoint, cfg.pretrained, info, dev)
+            model, ident = load_teacher(cfg.teacher, cfg.checkpoint, cfg.pretrained, info, dev,
+                                        cfg.teacher_preprocessing)
+            seen = ident["teacher_preprocessing"]
+            if progress and rank() == 0 and seen["input_size"] != info.image_size:  # never a silent resize
+                print(f"teacher {cfg.teacher} sees {seen['input_size']} px inputs (the data's are {info.image_size}), "
+                      "normalised with its own mean and std: --teacher-preprocessing data for the dataset's own",
+                      flush=True)
         with phases("store"):
             attrs = store_attrs(info, targets, teacher=cfg.teacher, chunk_rows=cfg.chunk_rows, **ident)
             group = _prepare_on_rank0(cfg.out, attrs, cfg.overwrite, distributed) or store.open_store(cfg.out, "r+")

@@ -98,3 +98,51 @@ def test_pretrained_offline_fails_in_one_line(synth):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "pretrained weights for timm:resnet10t" in lines[0] and "--checkpoint" in lines[0]
+
+
+def test_a_plain_state_dict_says_what_it_sees_and_data_preprocessing_keeps_the_datasets(synth, tmp_path):
+    """A plain state dict carries no preprocessing: timm's pretrained config decides, and the dump says so
+    in a line rather than resizing silently; `--teacher-preprocessing data` keeps the dataset's own, and a
+    store made one way is not resumed the other way."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=4).eval()
+    torch.save(model.state_dict(), tmp_path / "plain.pth")
+    args = ("dump", "--teacher", "timm:resnet10t", "--checkpoint", tmp_path / "plain.pth", "--data",
+            synth / "train.beton", "--batch-size", 100, "--chunk-rows", 200, "--workers", 1)
+    size = model.pretrained_cfg["input_size"][-1]
+    r = run_cli(*args, "--out", tmp_path / "auto.zarr")
+    assert f"teacher timm:resnet10t sees {size} px inputs (the data's are 16)" in r.output
+    assert LogitCache(tmp_path / "auto.zarr").attrs["teacher_preprocessing"]["input_size"] == size
+    r = run_cli(*args, "--out", tmp_path / "data.zarr", "--teacher-preprocessing", "data")
+    assert "sees" not in r.output
+    cache = LogitCache(tmp_path / "data.zarr")
+    assert cache.attrs["teacher_preprocessing"] == {"mean": manifest(synth)["mean"], "std": manifest(synth)["std"],
+                                                    "input_size": 16}
+    images, _, index = read_beton(synth / "train.beton")
+    x = torch.from_numpy(images[:32]).permute(0, 3, 1, 2).float()
+    mean, std = (torch.tensor(manifest(synth)[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    with torch.no_grad():
+        want = model((x - mean) / std)
+    have = torch.from_numpy(cache.logits(index[:32]))
+    assert torch.allclose(have, want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
+    r = run_cli(*args, "--out", tmp_path / "data.zarr", expect=2)  # auto now: another preprocessing
+    assert "has another teacher preprocessing" in r.output and "Traceback" not in r.output
+
+
+def test_an_online_timm_teacher_sees_what_its_cache_would(synth, tmp_path):
+    """The online baseline of a cache must see the pixels the dump's teacher saw: the same
+    --teacher-preprocessing rule (a plain state dict: timm's pretrained config unless `data`)."""
+    from kdcache.beton import dataset_info
+    from kdcache.config import TrainConfig
+    from kdcache.models import Preprocessed
+    from kdcache.teachers import make_teacher
+
+    torch.save(timm.create_model("resnet10t", num_classes=4).state_dict(), tmp_path / "plain.pth")
+    info = dataset_info(synth / "train.beton")
+    for choice, wrapped in (("auto", True), ("data", False)):
+        cfg = TrainConfig(data=str(synth / "train.beton"), out=str(tmp_path / choice), alpha="0.5",
+                          teacher_online="timm:resnet10t", teacher_checkpoint=str(tmp_path / "plain.pth"),
+                          teacher_preprocessing=choice)
+        teacher = make_teacher(cfg, info, np.arange(10), torch.device("cpu"))
+        assert isinstance(teacher.model, Preprocessed) == wrapped
+        assert teacher(torch.randn(2, 3, 16, 16), torch.arange(2)).shape == (2, 4)
