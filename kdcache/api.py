@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,46 +21,17 @@ from torch.utils.data import Dataset
 
 from . import store as S
 from .config import DEFAULT_TEMPERATURE
-from .distill import kd_loss
+from .contracts import Cache, SparseCache
+from .distill import SparseTargets, kd_loss, sparse_kl  # noqa: F401  (sparse_kl: public here too)
 from .errors import UserError
 
 POSITION_KEYS = "position"  # the key of a sample of an in-memory source (CIFAR, MNIST): its position in the split
 TAIL_FLOOR = 1e-12          # the smallest tail mass of a top-k row, as `LogitCache.logits` keeps it
 
 
-class SparseTargets(NamedTuple):
-    """A batch's sparse teacher targets at `temperature`: each row's target distribution gives `classes`
-    their `probs` and every other class `tail` (top-k: the remaining mass shared equally; sampled: 0)."""
-    classes: torch.Tensor   # (B, K) int64
-    probs: torch.Tensor     # (B, K) float32
-    tail: torch.Tensor      # (B, 1) float32
-    temperature: float
-
-    def dense(self, num_classes: int) -> torch.Tensor:
-        """The (B, C) float32 target distribution these rows stand for."""
-        q = self.tail.expand(len(self.classes), num_classes).clone()
-        return q.scatter_(1, self.classes, self.probs)
-
-
-def sparse_kl(student: torch.Tensor, target: SparseTargets) -> torch.Tensor:
-    """batchmean KL(q || softmax(student / T)) of sparse targets q, without a dense (B, C) target:
-    sum_k p_k (log p_k - s_k) + tail * ((C - K) log tail - (sum_all s - sum_k s_k)), s = log_softmax."""
-    c = student.shape[1]
-    s = torch.log_softmax(student.float() / target.temperature, dim=1)
-    s_k = s.gather(1, target.classes)
-    p = target.probs
-    kept = torch.where(p > 0, p * (torch.log(p.clamp_min(1e-45)) - s_k), torch.zeros_like(p)).sum(1)
-    tail = target.tail.squeeze(1)
-    others = c - target.classes.shape[1]
-    rest = s.sum(1) - s_k.sum(1)
-    tail_term = torch.where(tail > 0, tail * (others * torch.log(tail.clamp_min(1e-45))) - tail * rest,
-                            torch.zeros_like(tail))
-    return (kept + tail_term).sum() / len(student)
-
-
 class DistillationLoss(nn.Module):
     """(1 - alpha) * CE(student, y) + alpha * T^2 * KL(target || softmax(student / T)): `kdcache train`'s
-    loss (`kdcache.distill.kd_loss`, which dense targets go through unchanged), also for `SparseTargets`.
+    loss, `kdcache.distill.kd_loss`, for dense targets and `SparseTargets` alike.
     After each call `ce` and `kl` hold that batch's two terms (detached), for logging."""
 
     def __init__(self, alpha: float = 0.5, temperature: float = DEFAULT_TEMPERATURE, label_smoothing: float = 0.0):
@@ -75,18 +45,67 @@ class DistillationLoss(nn.Module):
 
     def forward(self, student: torch.Tensor, labels: torch.Tensor,
                 teacher: torch.Tensor | SparseTargets | None = None) -> torch.Tensor:
-        if isinstance(teacher, SparseTargets):
-            if abs(teacher.temperature - self.temperature) > 1e-9:
-                raise UserError(f"these targets are exact at temperature {teacher.temperature:g} only, the loss "
-                                f"uses {self.temperature:g}: build the loss with TeacherTargets.loss()")
-            ce = torch.nn.functional.cross_entropy(student.float(), labels, label_smoothing=self.label_smoothing)
-            kl = sparse_kl(student, teacher) if self.alpha else torch.zeros_like(ce)
-            t = self.temperature
-            loss = (1 - self.alpha) * ce + self.alpha * t * t * kl if self.alpha else ce
-        else:
-            loss, ce, kl = kd_loss(student, teacher, labels, self.alpha, self.temperature, self.label_smoothing)
+        loss, ce, kl = kd_loss(student, teacher, labels, self.alpha, self.temperature, self.label_smoothing)
         self.ce, self.kl = ce.detach(), kl.detach()
         return loss
+
+
+class TargetTable:
+    """The one reader of a cache's targets in training, for `TeacherTargets` and the trainer's cached teacher:
+    the targets of the samples `rows` are read once onto `device` as the cache stores them, and
+    `table(index, view)` gathers a batch's, unchecked and without a host synchronisation.
+
+    A full cache (temperature None), or any cache with `dense=True`: its (n, C) float32 rows, `Cache.logits`,
+    and a batch is their (B, C) rows. A top-k or sampled cache: K classes (int16) and K float16
+    log-probabilities or counts per sample, never an (n, C) table; a batch is `SparseTargets`, whose KL
+    `kd_loss` computes without expanding them. A multi-view cache holds every stored view of each row."""
+
+    def __init__(self, cache: Cache, rows: np.ndarray, num_samples: int, device: torch.device,
+                 dense: bool = False):
+        rows = np.asarray(rows, dtype=np.int64)
+        self.num_classes, self.temperature = cache.num_classes, cache.temperature
+        self.sparse = cache.temperature is not None and not dense
+        position = torch.full((num_samples,), -1, dtype=torch.long)
+        position[torch.from_numpy(rows)] = torch.arange(len(rows))
+        self.position = position.to(device)
+        tables = _sparse_tables(cache, rows) if self.sparse else {"dense": cache.logits(rows)}
+        self.tables = {name: torch.from_numpy(np.ascontiguousarray(a)).to(device) for name, a in tables.items()}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the tables take on the device, with the sample-index-to-row table."""
+        return sum(t.numel() * t.element_size() for t in (*self.tables.values(), self.position))
+
+    def __call__(self, index: torch.Tensor, view: torch.Tensor | None = None) -> torch.Tensor | SparseTargets:
+        return self.at(self.position[index], view)
+
+    def at(self, pos: torch.Tensor, view: torch.Tensor | None = None) -> torch.Tensor | SparseTargets:
+        """The targets of the loaded rows `pos` (and their stored views)."""
+        at = pos if view is None else (pos, view)
+        if not self.sparse:
+            return self.tables["dense"][at]
+        classes = self.tables["classes"][at].long()
+        if "logp" in self.tables:  # top-k: K log-probabilities; the rest of the mass shared by the C - K others
+            p = self.tables["logp"][at].float().exp()
+            mass = p.sum(1, keepdim=True)
+            rest = (1 - mass).clamp_min(TAIL_FLOOR)
+            total = mass + rest  # float16 rounding: renormalise, as softmax does on `LogitCache.logits` rows
+            tail = rest / (self.num_classes - classes.shape[1]) / total
+            return SparseTargets(classes, p / total, tail, self.temperature)
+        counts = self.tables["counts"][at].float()
+        probs = counts / counts.sum(1, keepdim=True)
+        return SparseTargets(classes, probs, torch.zeros_like(probs[:, :1]), self.temperature)
+
+
+def _sparse_tables(cache: SparseCache, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """A top-k or sampled cache's arrays of `rows`, in types torch gathers with: classes as a signed type
+    (uint16 and uint32 are not indexable), counts as uint8 or int16."""
+    stored = cache.sparse_targets(rows)
+    index = np.int16 if cache.num_classes <= np.iinfo(np.int16).max + 1 else np.int32
+    tables = {**stored, "classes": stored["classes"].astype(index)}
+    if "counts" in stored:
+        tables["counts"] = stored["counts"].astype(np.uint8 if stored["counts"].dtype == np.uint8 else np.int16)
+    return tables
 
 
 class TeacherTargets:
@@ -95,7 +114,9 @@ class TeacherTargets:
 
     `data`: the data the store must belong to: a folder or beton of `kdcache data` (its training
     fingerprint is checked). Full stores give (B, C) float32 logits; top-k and sampled stores give
-    `SparseTargets` (or, with `dense=True`, the (B, C) rows `kdcache train` uses). A multi-view store needs
+    `SparseTargets` (or, with `dense=True`, (B, C) rows whose softmax at the store's temperature is the
+    target, `LogitCache.logits`), as `kdcache train`'s cached teacher does (one reader, `TargetTable`). A
+    multi-view store needs
     each sample's stored view: `targets(index, view)`, whose crop and flip are `view_params[index, view]`.
     """
 
@@ -110,7 +131,6 @@ class TeacherTargets:
         self.url = self.cache.url
         self.num_samples, self.num_classes = self.cache.num_samples, self.cache.num_classes
         self.views = self.cache.views
-        self.sparse = bool(self.cache.topk or self.cache.sample) and not dense
         # full logits serve any temperature; top-k and sampled targets are exact at the dump's only
         self.temperature = self.cache.temperature
         self.device = torch.device(device)
@@ -119,24 +139,9 @@ class TeacherTargets:
         if len(np.unique(rows)) != len(rows):
             raise UserError("rows holds a sample more than once")
         self.rows = rows
-        position = torch.full((self.num_samples,), -1, dtype=torch.long)
-        position[torch.from_numpy(rows)] = torch.arange(len(rows))
-        self.position = position.to(self.device)
         self.view_params = self.cache.view_params() if self.views > 1 else None
-        self.tables = {name: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
-                       for name, a in self._tables(rows).items()}
-
-    def _tables(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        c = self.cache
-        if not self.sparse:  # the trainer's own rows: full logits, or top-k / sampled expanded at Ts
-            return {"dense": c.logits(rows)}
-        # class indices as a signed type torch gathers with (uint16 and uint32 are not indexable)
-        index = np.int16 if self.num_classes <= np.iinfo(np.int16).max + 1 else np.int32
-        if c.topk:
-            return {"classes": c._array(S.TOPK_INDICES)[rows].astype(index), "logp": c._array(S.TOPK_VALUES)[rows]}
-        counts = c._array(S.SAMPLE_COUNTS)[rows]
-        return {"classes": c._array(S.SAMPLE_CLASSES)[rows].astype(index),
-                "counts": counts.astype(np.uint8 if counts.dtype == np.uint8 else np.int16)}
+        self.table = TargetTable(self.cache, rows, self.num_samples, self.device, dense)
+        self.sparse = self.table.sparse
 
     @property
     def labels(self) -> np.ndarray:
@@ -146,7 +151,7 @@ class TeacherTargets:
     @property
     def nbytes(self) -> int:
         """Bytes the loaded targets take on the device (with the index-to-row table)."""
-        return sum(t.numel() * t.element_size() for t in (*self.tables.values(), self.position))
+        return self.table.nbytes
 
     def loss(self, alpha: float = 0.5, temperature: float | None = None, label_smoothing: float = 0.0
              ) -> DistillationLoss:
@@ -168,25 +173,13 @@ class TeacherTargets:
                             "(its crop and flip are view_params[index, view])" if self.views > 1 else
                             f"store {self.url} holds one view per sample: pass no view")
         index = index.to(self.device, torch.long)
-        pos = self.position[index.clamp(0, self.num_samples - 1)]
+        pos = self.table.position[index.clamp(0, self.num_samples - 1)]
         bad = (index < 0) | (index >= self.num_samples) | (pos < 0)
         if bool(bad.any()):  # one host sync per batch: an out-of-range gather would crash the device instead
             i = int(index[bad][0])
             raise UserError(f"sample index {i} is " + (f"out of range (the store has {self.num_samples} samples)"
                             if not 0 <= i < self.num_samples else "not among the rows loaded"))
-        at = pos if view is None else (pos, view.to(self.device, torch.long))
-        if not self.sparse:
-            return self.tables["dense"][at]
-        classes = self.tables["classes"][at].long()
-        if "logp" in self.tables:  # top-k: K log-probabilities; the rest of the mass shared by the C - K others
-            p = self.tables["logp"][at].float().exp()
-            rest = (1 - p.sum(1, keepdim=True)).clamp_min(TAIL_FLOOR)
-            total = p.sum(1, keepdim=True) + rest  # float16 rounding: renormalise, as softmax does in the trainer
-            tail = rest / (self.num_classes - classes.shape[1]) / total
-            return SparseTargets(classes, p / total, tail, self.temperature)
-        counts = self.tables["counts"][at].float()
-        probs = counts / counts.sum(1, keepdim=True)
-        return SparseTargets(classes, probs, torch.zeros_like(probs[:, :1]), self.temperature)
+        return self.table.at(pos, None if view is None else view.to(self.device, torch.long))
 
 
 def _check_range(index: np.ndarray, n: int, what: str) -> None:

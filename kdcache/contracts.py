@@ -1,5 +1,5 @@
 """The interfaces the trainer relies on, stated once: a logit cache (`kdcache.store.LogitCache`) and a
-teacher (`kdcache.train.CachedTeacher`, `OnlineTeacher`). Test doubles satisfy the same protocols."""
+teacher (`kdcache.teachers.CachedTeacher`, `OnlineTeacher`). Test doubles satisfy the same protocols."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -8,6 +8,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     import torch
+
+    from .distill import SparseTargets
 
 
 @runtime_checkable
@@ -27,12 +29,24 @@ class Cache(Protocol):
 
 
 @runtime_checkable
+class SparseCache(Cache, Protocol):
+    """A cache of top-k or sampled targets (its `temperature` is not None), read as stored: K per sample."""
+
+    def sparse_targets(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """These samples' `classes` (n, [views,] K) with their `logp` (top-k: float16 log-probabilities at
+        `temperature`) or `counts` (sampled: the target is counts / their sum)."""
+
+
+@runtime_checkable
 class Teacher(Protocol):
-    """One call signature for every teacher: (images, sample indices, stored view or None) -> logits."""
+    """One call signature for every teacher: (images, sample indices, stored view or None) -> targets: (B, C)
+    logits, or a top-k or sampled cache's `SparseTargets` (K classes per sample, never a dense (B, C) table),
+    which `kdcache.distill.kd_loss` takes alike."""
 
     bytes_per_sample: int | None   # None: no cache (a teacher run in the loop)
     temperature: float | None      # the temperature the targets are exact at; None: any
     views: np.ndarray | None       # the cache's (N, views, 3) view table when the student must see those views
 
-    def __call__(self, x: torch.Tensor, index: torch.Tensor, view: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, index: torch.Tensor, view: torch.Tensor | None = None
+                 ) -> torch.Tensor | SparseTargets:
         ...

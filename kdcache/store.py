@@ -339,6 +339,17 @@ class LogitCache:
         np.put_along_axis(out, classes, values, axis=-1)
         return out * np.float32(self.temperature)
 
+    def sparse_targets(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """A top-k or sampled store's own arrays for these samples, as stored (K per sample, [views,] K with
+        views): top-k `classes` and `logp` (float16 log-probabilities at the store's temperature), sampled
+        `classes` and `counts` (the target is counts / their sum)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.topk:
+            return {"classes": self._array(TOPK_INDICES)[indices], "logp": self._array(TOPK_VALUES)[indices]}
+        if self.sample:
+            return {"classes": self._array(SAMPLE_CLASSES)[indices], "counts": self._array(SAMPLE_COUNTS)[indices]}
+        raise ValueError(f"store {self.url} holds full logits, not sparse targets: read them with logits()")
+
     def labels(self) -> np.ndarray:
         return self._array(LABELS).astype(np.int64)
 

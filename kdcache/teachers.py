@@ -1,37 +1,44 @@
-"""Teachers: one call signature, (images, sample indices, stored view) -> logits, the contract
-`kdcache.contracts.Teacher` states: rows looked up in a cache, or a model run in the loop."""
+"""Teachers: one call signature, (images, sample indices, stored view) -> targets, the contract
+`kdcache.contracts.Teacher` states: a cache's targets looked up (dense logits or sparse), or a model run in
+the loop."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from .api import TargetTable
 from .beton import DatasetInfo
 from .config import TrainConfig
 from .contracts import Cache, Teacher
 from .crops import view_recipe
+from .distill import SparseTargets
 from .errors import UserError
 from .models import load_teacher_checkpoint
 
 
 class CachedTeacher:
-    """Looks a batch's teacher rows up by sample index (and stored view): the selected rows of the cache
-    are read once into a device tensor, so a step is one gather."""
+    """Looks a batch's teacher targets up by sample index (and stored view), through the public API's reader
+    (`kdcache.api.TargetTable`): the selected rows of the cache are read once onto the device, so a step is a
+    gather. A full cache gives (B, C) float32 logits; a top-k or sampled cache stays sparse on the device (K
+    classes and values per sample) and gives `SparseTargets`, which `kd_loss` takes as they are."""
 
     def __init__(self, cache: Cache, indices: np.ndarray, num_samples: int, device: torch.device):
         self.bytes_per_sample = cache.bytes_per_sample
         self.temperature = cache.temperature  # the only one a top-k cache serves exactly
-        self.rows = torch.from_numpy(cache.logits(indices)).to(device)  # (n, C), or (n, K, C) with K views
+        self.targets = TargetTable(cache, indices, num_samples, device)
         # the (N, K, 3) view table of a multi-view cache: what the student's loader must show
         self.views = cache.view_params() if cache.views > 1 else None
-        position = torch.full((num_samples,), -1, dtype=torch.long)
-        position[torch.from_numpy(indices)] = torch.arange(len(indices))
-        self.position = position.to(device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the targets take on the device, with the sample-index-to-row table."""
+        return self.targets.nbytes
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, index: torch.Tensor, view: torch.Tensor | None = None) -> torch.Tensor:
-        rows = self.position[index]
-        return self.rows[rows] if view is None else self.rows[rows, view]
+    def __call__(self, x: torch.Tensor, index: torch.Tensor,
+                 view: torch.Tensor | None = None) -> torch.Tensor | SparseTargets:
+        return self.targets(index, view)
 
 
 class OnlineTeacher:
@@ -49,8 +56,10 @@ class OnlineTeacher:
 
 def make_teacher(cfg: TrainConfig, info: DatasetInfo, indices: np.ndarray, device: torch.device) -> Teacher:
     if cfg.teacher_online:
+        own = cfg.teacher_preprocessing == "auto"  # as the dump does: a cache and its online baseline see alike
         return OnlineTeacher(load_teacher_checkpoint(cfg.teacher_checkpoint, cfg.teacher_online, info.num_classes,
-                                                     info.image_size, device))
+                                                     info.image_size, device, mean=info.mean if own else None,
+                                                     std=info.std if own else None))
     from .store import LogitCache
     cache = LogitCache(cfg.cache, info)
     if cache.num_classes != info.num_classes:

@@ -44,8 +44,11 @@ from .teachers import CachedTeacher, OnlineTeacher, make_teacher
 SUMMARY, METRICS, CHECKPOINT = "summary.json", "metrics.jsonl", "last.pt"
 # What training computes, beyond its options: bump it with any change that alters results (sweeps hash it,
 # so that a study never mixes runs of two trainers). 2: augmentation drawn per sample on the device,
-# BatchNorm statistics re-estimated before evaluation, a warm-up floor.
-TRAINER_REVISION = 2
+# BatchNorm statistics re-estimated before evaluation, a warm-up floor. 3: image folders' random-resized crops
+# seeded and cut by FFCV's decoder from a per-epoch table; top-k and sampled caches' targets kept sparse on
+# the device (K classes and values per sample, the KL from them and the tail's mass) instead of expanded to
+# dense float32 rows (the same loss to float rounding; full-logit caches' numbers unchanged).
+TRAINER_REVISION = 3
 DIE_AFTER_ENV = "KDCACHE_DIE_AFTER_EPOCH"  # tests: SIGKILL after epoch N ("N") or between its metrics line
                                            # and its checkpoint ("N:metrics"): a hard crash at that point
 
@@ -400,7 +403,7 @@ class Trainer:
         s, cfg = self.schedule, self.cfg
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, s.total_steps, s.warmup_steps, cfg.lr)
-        with autocast(self.device.type, self.amp):
+        with autocast(self.device.type, self.amp):  # (B, C) logits, or a top-k / sampled cache's SparseTargets
             target = self.teacher(x, index, view) if self.teacher is not None else None
         loss, ce, kl, logits = self.kd_step(self.net, x, target, y, self.alpha, self.temperature,
                                             cfg.label_smoothing, self.amp)

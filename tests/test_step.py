@@ -12,7 +12,8 @@ from kdcache.models import build_model
 # Operators that make the host wait for the device (a value read back, or an output whose size depends on data).
 SYNCING = {"item", "_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "equal", "is_nonzero",
            "repeat_interleave", "allclose"}
-KD_EXTRA_OPS = 25  # the KD term's whole price: its forward, backward and teacher-row gather (24 in torch 2.14)
+KD_EXTRA_OPS = 25  # the KD term's whole price: its forward, backward and teacher-row gather (24 in torch 2.14), for
+                  # dense targets; sparse ones: test_sparse_trainer.py's KD_SPARSE_EXTRA_OPS (60)
 
 
 class Ops(TorchDispatchMode):
