@@ -117,13 +117,16 @@ topk = 2
 """
 
 
-def test_stage_names_do_not_move(tmp_path):
+def test_stage_names_do_not_move(tmp_path, monkeypatch):
     """Folder names hash each stage's resolved configuration (defaults, key names, the trainer revision): a
     renamed key or a new hashed default would orphan every study's finished runs. These names were made by
-    the code before options moved into kdcache.config."""
+    the code before options moved into kdcache.config, at trainer revision 2; a new revision moves the
+    trainer's stages (and those after them) on purpose, and nothing else may."""
+    import kdcache.train
     from kdcache.plan import plan
     from kdcache.protocol import load_protocol
 
+    monkeypatch.setattr(kdcache.train, "TRAINER_REVISION", 2)
     (tmp_path / "pin.toml").write_text(PINNED)
     p = plan(load_protocol(tmp_path / "pin.toml"))
     assert (p.data.name, p.teachers["t"].name) == ("data-265d4cecd5", "teacher-t-95bdc74200")
