@@ -35,9 +35,23 @@ demo: install
 # A study: every unfinished stage of protocols/<name>.toml (rerun to resume), then its report (tables,
 # CSVs, plots, verdicts) and the protocol itself in results/<name>/, which is committed.
 study-%: install
+	@if [ ! -d runs/$* ] && [ -f results/$*/in-progress.tar.gz ]; then \
+		echo "resuming from results/$*/in-progress.tar.gz"; mkdir -p runs && tar xzf results/$*/in-progress.tar.gz -C runs; fi
 	$(KDCACHE) sweep protocols/$*.toml --out runs/$*
 	$(KDCACHE) report runs/$* --out results/$*
 	cp protocols/$*.toml results/$*/protocol.toml
+	rm -f results/$*/in-progress.tar.gz
+
+# A study longer than one sitting, on machines that do not keep runs/: `make pack-NAME` packs runs/NAME
+# (every stage but the data, which the sweep rebuilds identically from its source and checks by
+# fingerprint, and the students' weights, which no later stage reads) into results/NAME/in-progress.tar.gz,
+# to commit; `make study-NAME` on a clone without runs/NAME unpacks it and resumes.
+pack-%:
+	mkdir -p results/$*
+	tar czhf results/$*/in-progress.tar.gz -C runs --exclude='$*/data-*' --exclude='*.lock' \
+		--exclude='$*/students/*/model.pt' $*
+	@echo "results/$*/in-progress.tar.gz: $$(du -h results/$*/in-progress.tar.gz | cut -f1)," \
+		"$$(ls runs/$*/students/*/summary.json 2>/dev/null | wc -l) students finished"
 
 # The CIFAR-10 studies (what each measures and how long it runs: docs/studies.md): the paper's claims;
 # stored views against the clean view and the online teacher; sparse targets against full logits.
