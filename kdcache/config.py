@@ -187,8 +187,8 @@ class TrainConfig:
     warmup: float = option(0.02, f"Fraction of steps with linear warm-up (0: none; else at least {WARMUP_FLOOR} "
                                  "steps, or a quarter of a shorter run), then cosine decay.", protocol="train")
     # the running averages lag far behind fast-moving weights in short runs
-    bn_batches: int = option(20, "Re-estimate BatchNorm statistics over this many training batches before each "
-                                 "evaluation (0: off).", protocol="train")
+    bn_batches: int = option(20, "Re-estimate BatchNorm statistics over this many training batches, augmented as "
+                                 "in training, before each evaluation (0: off).", protocol="train")
     label_smoothing: float = option(0.0, "Label smoothing of the cross-entropy term.", protocol="train")
     augment: bool = option(True, "Random crop (4 px padding) + flip; image folders: random-resized crop + flip "
                                  "(both seeded).",

@@ -422,13 +422,13 @@ def test_short_kd_run_evaluates_with_statistics_of_its_own_weights(synth, cache,
     summary = json.loads((out / "summary.json").read_text())
     model, _ = load_checkpoint(out / "model.pt")
     test = Batches(dataset_info(synth / "test.beton"), batch_size=200, train=False, num_workers=1)
-    model.train()  # batch statistics: what the weights do without any running average
+    assert evaluate(model.eval(), test, None)[1] == pytest.approx(summary["test_acc"])  # what model.pt holds
+    model.train()  # batch statistics: what the weights do without any running average (this moves them)
     with torch.no_grad():
         correct = sum((model(x).argmax(1) == y).sum().item() for x, y, _, _ in test)
     batch_stats_acc = correct / 200
     assert summary["test_acc"] > 0.4, summary["test_acc"]  # chance: 0.25
     assert abs(summary["test_acc"] - batch_stats_acc) < 0.1, (summary["test_acc"], batch_stats_acc)
-    assert evaluate(model.eval(), test, None)[1] == pytest.approx(summary["test_acc"])  # what model.pt holds
     # the same run without re-estimation: evaluated with the lagging running averages
     run_cli("train", "--data", synth / "train.beton", "--cache", cache, "--fraction", 0.5, "--epochs", 5,
             "--arch", "resnet20", "--workers", 1, "--bn-batches", 0, "--out", tmp_path / "lagging")
@@ -497,3 +497,24 @@ def test_eval_batch_size_changes_no_accuracy(synth, teacher, tmp_path):
     assert "eval_batch_size" in NOT_RESULTS and "batch_size" not in NOT_RESULTS
     r = run_cli("train", "--data", synth / "train.beton", "--out", tmp_path / "x", "--eval-batch-size", 0, expect=2)
     assert "--eval-batch-size must be at least 1" in r.output
+
+
+def test_batchnorm_is_re_estimated_on_batches_augmented_as_in_training(synth, tmp_path):
+    """The layers after each BatchNorm learnt on augmented batches' statistics: re-estimating them on clean
+    images cost CIFAR-10 KD students at 2% 4.4 points (3 seeds). The re-estimation batches are augmented,
+    with the same draws at every evaluation (so a resumed run evaluates as an uninterrupted one)."""
+    from kdcache.train import TrainConfig, Trainer, validate
+
+    def bn_pixels(augment: bool):
+        cfg = TrainConfig(data=str(synth / "train.beton"), out=str(tmp_path / str(augment)), arch="resnet8",
+                          fraction=0.5, epochs=1, batch_size=32, workers=1, augment=augment, alpha="0")
+        t = Trainer(cfg, *validate(cfg), torch.device("cpu"))
+        t.bn_batches.next_epoch = 0
+        first = torch.cat([x for x, *_ in t.bn_batches])
+        t.bn_batches.next_epoch = 0
+        return first, torch.cat([x for x, *_ in t.bn_batches])
+
+    clean, _ = bn_pixels(False)
+    augmented, again = bn_pixels(True)
+    assert torch.equal(augmented, again)  # the same draws at every evaluation
+    assert augmented.shape == clean.shape and not torch.equal(augmented, clean)
