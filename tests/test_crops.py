@@ -238,6 +238,7 @@ def test_topk_crop_views_hold_each_views_tempered_top_k(folder, teacher, multi, 
         np.testing.assert_array_equal(open_store(str(one))[name][:], full[name][:], err_msg=name)
 
 
+@pytest.mark.slow
 def test_training_from_crop_views_and_its_mistakes(folder, teacher, multi, tmp_path):
     base = ("train", "--data", folder / "train.beton", "--alpha", 0.9, *TRAIN)
     run_cli(*base, "--cache", multi, "--out", tmp_path / "ok")

@@ -137,6 +137,7 @@ def test_imagefolder_round_trip(tmp_path):
 
 
 @pytest.mark.skipif(not SHARED_CIFAR10.is_dir(), reason="../shared CIFAR-10 absent")
+@pytest.mark.slow
 def test_real_cifar10(tmp_path):
     run_cli("data", "cifar10", "--src", SHARED_CIFAR10.parent, "--out", tmp_path)
     from kdcache.sources import load_cifar10

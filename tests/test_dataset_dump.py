@@ -58,6 +58,7 @@ kdcache.dump_dataset(model, TensorDataset(x, y), sys.argv[1], keys=[f"k{i}" for 
 """
 
 
+@pytest.mark.slow
 def test_a_dataset_dump_resumes_after_sigkill_and_records_keys(tmp_path):
     script = tmp_path / "dump.py"
     script.write_text(SCRIPT)

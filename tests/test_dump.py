@@ -203,6 +203,7 @@ def test_topk_cache_sets_the_students_temperature_and_refuses_another(synth, ckp
     assert "has another temperature (2.0, this dump: 4.0)" in r.output
 
 
+@pytest.mark.slow
 def test_sampled_store_holds_draws_from_the_tempered_teacher(synth, ckpt, tmp_path):
     from kdcache.sparse import sample_targets
 

@@ -60,6 +60,7 @@ SPARSE_BYTES = {"topk": 2 * 2 + 2 * 2, "sample": 3 * 2 + 3 * 1, "views": 3 * (2 
 
 
 @pytest.mark.parametrize("which", ["topk", "sample", "views"])
+@pytest.mark.slow
 def test_a_sparse_cache_stays_sparse_in_the_trainer_and_gives_its_dense_expansions_step(which, stores, synth,
                                                                                        tmp_path):
     store = stores[which]
@@ -115,6 +116,7 @@ def test_a_full_cache_trainer_step_is_its_rows_kd_loss_to_the_bit(synth, cache, 
     assert torch.equal(got[:3], torch.stack([loss, ce, kl]).detach() * len(y))
 
 
+@pytest.mark.slow
 def test_a_sparse_step_never_syncs_and_its_kd_term_costs_a_stated_number_of_operators(stores, synth, tmp_path):
     ce = trainer(synth, tmp_path / "ce", alpha="0")
     kd = trainer(synth, tmp_path / "kd", alpha="0.5", cache=str(stores["topk"]))

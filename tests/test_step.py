@@ -65,6 +65,7 @@ def step_ops(t) -> Counter:
     return ops.count
 
 
+@pytest.mark.slow
 def test_a_step_never_syncs_and_kd_adds_a_handful_of_operators(synth, cache, tmp_path):
     from kdcache.resident import ResidentBatches
 

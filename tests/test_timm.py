@@ -89,6 +89,7 @@ def _kdcache_teacher_store(synth, tmp_path):
     return out
 
 
+@pytest.mark.slow
 def test_pretrained_offline_fails_in_one_line(synth):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     exe = ROOT / ".venv" / "bin" / "kdcache" if (ROOT / ".venv").exists() else "kdcache"
@@ -100,6 +101,7 @@ def test_pretrained_offline_fails_in_one_line(synth):
     assert len(lines) == 1 and "pretrained weights for timm:resnet10t" in lines[0] and "--checkpoint" in lines[0]
 
 
+@pytest.mark.slow
 def test_a_plain_state_dict_says_what_it_sees_and_data_preprocessing_keeps_the_datasets(synth, tmp_path):
     """A plain state dict carries no preprocessing: timm's pretrained config decides, and the dump says so
     in a line rather than resizing silently; `--teacher-preprocessing data` keeps the dataset's own, and a

@@ -119,6 +119,7 @@ def test_cached_logits_reach_their_samples(synth):
         assert torch.equal(rows[:, 0].long(), index) and torch.equal(rows[:, 2].long(), 2 * index)
 
 
+@pytest.mark.slow
 def test_short_run_learns_and_writes_outputs(synth, tmp_path):
     out = tmp_path / "run"
     r = run_cli("train", "--data", synth / "train.beton", "--out", out, "--fraction", 1, "--alpha", 0,
@@ -202,6 +203,7 @@ def test_bad_inputs(synth, tmp_path, args, message):
     assert not (tmp_path / "bad" / METRICS).exists()  # refused before any training
 
 
+@pytest.mark.slow
 def test_cached_and_online_kd_agree_on_first_batch(synth, teacher, cache, tmp_path):
     common = ["train", "--data", synth / "train.beton", "--fraction", 0.5, "--alpha", 0.7, "--steps", 1,
               "--no-augment", "--eval-every", 100, *FAST]
@@ -319,6 +321,7 @@ def test_recorded_dynamics_go_to_the_runs_own_store_not_the_cache(synth, cache, 
     assert prob.shape == (400, 1) and (~np.isnan(prob[:, 0])).sum() == 200  # the half it trained on
 
 
+@pytest.mark.slow
 def test_finished_runs_are_kept_unless_overwritten(synth, tmp_path):
     out = tmp_path / "run"
     args = ["train", "--data", synth / "train.beton", "--indices", _indices(tmp_path, 64), "--alpha", 0,
@@ -446,6 +449,7 @@ def test_warm_up_has_a_floor_in_steps():
     assert Schedule.of(TrainConfig(data="", out="", epochs=5, warmup=0), steps_per_epoch=4).warmup_steps == 0
 
 
+@pytest.mark.slow
 def test_training_on_an_image_folder_with_a_torchvision_model(tmp_path):
     """The large-image path end to end: JPEG image folder, random-resized crop + flip at the crop side,
     centre crop for the test split, and a torchvision ResNet given the small-image stem (28 px <= 64)."""
