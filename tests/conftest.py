@@ -69,21 +69,21 @@ def teacher(synth, tmp_path_factory) -> Path:
     return out
 
 
-def make_teacher(path: Path, seed: int) -> Path:
-    """A seeded, untrained resnet20 checkpoint for `synth` whose outputs differ clearly per sample."""
+def make_teacher(path: Path, seed: int, arch: str = "resnet20", num_classes: int = 4, image_size: int = 16) -> Path:
+    """A seeded, untrained checkpoint (for `synth` by default) whose outputs differ clearly per sample."""
     import torch
     from torch import nn
 
     from kdcache.models import build_model, save_checkpoint
 
     torch.manual_seed(seed)
-    model = build_model("resnet20", 4, 16)
+    model = build_model(arch, num_classes, image_size)
     with torch.no_grad():  # random BatchNorm statistics, so that outputs differ clearly per sample
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2)
         model.fc.weight.mul_(20)
-    save_checkpoint(path, model, arch="resnet20", num_classes=4, image_size=16)
+    save_checkpoint(path, model, arch=arch, num_classes=num_classes, image_size=image_size)
     return path
 
 

@@ -9,8 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
-from conftest import SUBPROCESS_TIMEOUT, kill_at, make_image_folder, run_cli
+from conftest import SUBPROCESS_TIMEOUT, kill_at, make_image_folder, make_teacher, run_cli
 
 from kdcache import crops
 from kdcache.beton import dataset_info
@@ -33,17 +32,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher(folder, tmp_path_factory):
-    from kdcache.models import build_model, save_checkpoint
-    torch.manual_seed(0)
-    model = build_model("resnet8", 2, 28)
-    with torch.no_grad():  # random BatchNorm statistics, so that outputs differ clearly per sample
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2)
-        model.fc.weight.mul_(20)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    save_checkpoint(path, model, arch="resnet8", num_classes=2, image_size=28)
-    return path
+    return make_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt", 0, "resnet8", 2, 28)
 
 
 def dump_args(folder, teacher, out, *extra):
