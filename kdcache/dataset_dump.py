@@ -18,8 +18,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import __version__, store
-from .dump import _finish, _Sink, autocast, prepare_store, store_attrs, store_targets
 from .errors import UserError
+from .store_writer import _finish, _Sink, autocast, prepare_store, store_attrs, store_targets
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from conftest import DUMP, SUBPROCESS_TIMEOUT, make_teacher, manifest, read_beton, run_cli
 from torch import nn
 
-from kdcache.dump import DIE_AFTER_ENV
 from kdcache.errors import UserError
 from kdcache.scores import TEACHER_SCORES, teacher_scores
 from kdcache.store import LogitCache, open_store
+from kdcache.store_writer import DIE_AFTER_ENV
 from kdcache.train import read_metrics
 
 ARRAYS = ["logits", "labels"] + [f"scores/{name}" for name in TEACHER_SCORES]

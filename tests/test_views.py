@@ -11,9 +11,9 @@ from conftest import DUMP, SUBPROCESS_TIMEOUT, manifest, read_beton, run_cli
 
 from kdcache.augment import apply_view, choose_view, view_params
 from kdcache.beton import dataset_info
-from kdcache.dump import DIE_AFTER_ENV
 from kdcache.errors import UserError
 from kdcache.store import LogitCache, open_store
+from kdcache.store_writer import DIE_AFTER_ENV
 
 VIEWS = 3
 
