@@ -415,9 +415,9 @@ def test_short_kd_run_evaluates_with_statistics_of_its_own_weights(synth, cache,
     with them, a short KD run fell to chance. Re-estimated before evaluation (`--bn-batches`), its test
     accuracy is that of the same weights normalised by batch statistics."""
     from kdcache.beton import dataset_info
+    from kdcache.evaluation import evaluate
     from kdcache.loader import Batches
     from kdcache.models import load_checkpoint
-    from kdcache.train import evaluate
 
     out = tmp_path / "short"
     run_cli("train", "--data", synth / "train.beton", "--cache", cache, "--fraction", 0.5, "--epochs", 5,
