@@ -97,7 +97,8 @@ def auto_alpha(fraction: float) -> float:
     the best or within noise of the best at 2%, 5% and 10% kept, and 0.9 beat it only at 2%, within
     noise; 0.9 at 10% cost 1.2 points. Ben-Baruch et al. (ICML 2025) report the same direction (the
     smaller the subset, the more weight on the teacher); 0.9 rather than 1 keeps some ground truth
-    against a teacher's confident mistakes. The evidence: results/paper-cpu/report.md.
+    against a teacher's confident mistakes. The evidence: the first paper-cpu study's report
+    (`git show 2f792bf:results/paper-cpu/report.md`).
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")

@@ -23,8 +23,8 @@ Protocol format (TOML, e.g. `protocols/smoke.toml`)
     method = ["random", "el2n", "forgetting", "ccs"]
     alpha = [0, 0.9]
 
-    [report]                       # optional: kd_alpha (the KD cell of the claims, default: the best
-                                   #   alpha > 0), headline_fraction (default 0.5)
+    [report]                       # optional: kd_alpha (the KD cell of the claims; without it only a
+                                   #   single alpha > 0 is one), headline_fraction (0.5), margin (1.0)
 
 Student keys: `fraction` and `alpha` (required), `method` (random, ccs or a score; default random),
 `temperature`, `seed`, `teacher` (a [teachers] name; default: the first), `online` (run the teacher in

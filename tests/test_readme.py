@@ -52,3 +52,27 @@ def test_protocol_examples_plan(doc: Path, tmp_path):
         result = run_cli("sweep", protocol, "--dry-run", "--out", tmp_path / f"runs{i}")
         planned = re.search(r"(\d+) students in this shard", result.output)
         assert planned and int(planned.group(1)) > 0, result.output
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_resolves():
+    """Each relative link of README.md, CHANGELOG.md and docs/*.md names a file that exists and, for a
+    page, a heading it has."""
+    broken = []
+    for doc in [*DOCS, ROOT / "CHANGELOG.md"]:
+        for link in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if re.match(r"[a-z]+:", link):
+                continue
+            path, _, anchor = link.partition("#")
+            target = doc.parent / path if path else doc
+            if not target.exists():
+                broken.append(f"{doc.name}: {link} (no such file)")
+            elif anchor and target.suffix == ".md":
+                headings = re.findall(r"^#+ (.*)$", target.read_text(), flags=re.M)
+                if anchor not in {_slug(h) for h in headings}:
+                    broken.append(f"{doc.name}: {link} (no such heading)")
+    assert not broken, broken
