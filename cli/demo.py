@@ -73,7 +73,7 @@ def plot(path: Path, students: dict[str, Path], teacher_acc: float, title: str) 
 @click.option("--student-arch", default="resnet8", **SHOW)
 @click.option("--teacher-epochs", default=2, **SHOW)
 @click.option("--student-epochs", default=60, **SHOW,
-              help="Soft targets pay off over long schedules; 60 epochs of 2% are 72k images (about a minute on 2 CPU cores).")
+              help="Soft targets pay off over long schedules; 60 epochs of 2% are 72k images (~1 min on 2 cores).")
 @click.option("--eval-every", default=10, **SHOW, help="Students' test evaluations: every N epochs.")
 @click.option("--augment/--no-augment", default=False, **SHOW,
               help="Random crop + flip (off by default: these short schedules converge faster without).")
