@@ -217,7 +217,12 @@ def alpha_trend(cells: list[Cell], ctx: Context) -> list[dict]:
     a_lo < a_hi the lowest and highest alphas above 0 measured at both fractions."""
     comps = []
     for label, grid in alpha_grids(cells):
-        small, large = min(grid), max(grid)
+        # the contrast's two fractions: the extremes among those with 2+ alphas above 0 (a with / without KD
+        # pair, such as a headline arm, has no alpha gain to compare)
+        graded = [f for f, row in grid.items() if sum(a > 0 for a in row) >= 2]
+        if len(graded) < 2:
+            continue
+        small, large = min(graded), max(graded)
         alphas = sorted(a for a in set(grid[small]) & set(grid[large]) if a > 0)
         if len(alphas) < 2:
             continue
@@ -274,6 +279,9 @@ def headline(cells: list[Cell], ctx: Context) -> list[dict]:
             if len(plain) == 1:
                 comps.append(compare(f"control: random {h:g} with KD from {teacher} vs {h:g} without KD", kd, plain[0],
                                      ctx, "beats", in_verdict=False))
+        if len(full) == 1 and len(plain) == 1:  # without KD, does h already match all the data?
+            comps.append(compare(f"control: random {h:g} without KD vs 100% without KD", plain[0], full[0], ctx,
+                                 "matches or beats", in_verdict=False))
     return comps
 
 
@@ -384,12 +392,12 @@ FAMILIES = {"alpha": {"alpha", "teacher", "temperature"}, "method": SELECTION_FI
 
 
 def family_pairs(cells: list[Cell], ctx: Context) -> list[dict]:
-    """Within each family of three or more cells that differ in one respect only (the alpha, the selection
+    """Within each family of two or more cells that differ in one respect only (the alpha, the selection
     method, the teacher, the cache's form), every pair: A - B with its interval ("beats" either way)."""
     out = []
     for name, ignore in FAMILIES.items():
         for group in groups(cells, ignore):
-            if len(group) < 3:
+            if len(group) < 2:
                 continue
             for i, a in enumerate(group):
                 for b in group[i + 1:]:

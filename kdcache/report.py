@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 from . import claims as claims_
@@ -19,7 +20,7 @@ from . import stats as stats_
 from .claims import ORDER, Cell, Context, make_cells
 from .errors import UserError
 from .files import atomic, write_json, write_lines
-from .stats import LEVEL, MARGIN_POINTS, Noise, Stats, critical, detectable
+from .stats import FAILS, HOLDS, LEVEL, MARGIN_POINTS, WORSE, Noise, Stats, critical, detectable
 
 
 def _read_json(path: Path) -> dict | None:
@@ -65,6 +66,15 @@ def load_results(folder: Path) -> tuple[dict, list[dict]]:
         runs.append({"name": row[0], "folder": row[1], "config": config, "summary": summary,
                      "train_config": {"device": value.get("device")}})
     return record, runs
+
+
+def load_teachers(folder: Path) -> dict:
+    """A committed report folder's teachers.csv read back ({} without one), so that a report regenerated from
+    results.csv keeps the teachers' sizes (claim 4) and accuracies."""
+    if not (folder / "teachers.csv").is_file():
+        return {}
+    with open(folder / "teachers.csv", newline="") as f:
+        return {row["teacher"]: {k: _parse(v) for k, v in row.items() if k != "teacher"} for row in csv.DictReader(f)}
 
 
 def _parse(text: str):
@@ -177,7 +187,11 @@ def plot_all(out: Path, cells: list[Cell], claims: list[dict]) -> list[str]:
 
 def _plot_accuracy(ax, cells: list[Cell]) -> bool:
     lines: dict[tuple, dict[float, Cell]] = {}
+    archs = Counter(c.fields.get("arch") for c in cells)
+    main_arch = archs.most_common(1)[0][0] if archs else None
     for c in claims_.cached(cells):  # each point: the best cell of its method, KD teacher and fraction
+        if c.fields.get("arch") != main_arch:  # one student network: another's points would mix into the lines
+            continue
         points = lines.setdefault((c["method"], c["teacher"] if c["alpha"] > 0 else None), {})
         if c["fraction"] not in points or c.acc.mean > points[c["fraction"]].acc.mean:
             points[c["fraction"]] = c
@@ -192,7 +206,7 @@ def _plot_accuracy(ax, cells: list[Cell]) -> bool:
                     color=f"C{methods.index(method) % 10}", ls=style[0], marker=style[1],
                     capsize=3, label=f"{method}, " + ("no KD" if teacher is None else f"KD from {teacher}"))
     ax.set(xlabel="kept fraction", ylabel="test accuracy (%)", xscale="log",
-           title="test accuracy against kept fraction (best cell per point, mean ± std)")
+           title=f"{main_arch} students: test accuracy against kept fraction (best cell per point, mean ± std)")
     fractions = sorted({f for points in lines.values() for f in points})
     ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
     ax.minorticks_off()
@@ -204,13 +218,14 @@ def _plot_intervals(ax, claims: list[dict]) -> bool:
     rows = [(f"{c['id']}: {x['label']}"[:80], x) for c in claims for x in c["comparisons"]
             if x.get("ci95") and None not in x["ci95"]]
     for i, (_, x) in enumerate(rows):
-        colour = {"holds": "C2", "does not hold": "C3"}.get(x["verdict"], "C7")
+        colour = {HOLDS: "C2", FAILS: "C3", WORSE: "C1"}.get(x["verdict"], "C7")
         ax.plot([100 * v for v in x["ci95"]], [i, i], color=colour, lw=2)
         ax.plot([100 * x["diff"]], [i], "o", color=colour, ms=4)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=6)
     ax.set(xlabel="A − B, accuracy points (95% interval)",
-           title="each claim's comparisons (green holds, red does not hold, grey undecided)")
+           title="each claim's comparisons (green holds, red does not hold, orange worse within\n"
+                 "the margin not excluded, grey no difference detected)")
     return bool(rows)
 
 
@@ -256,9 +271,11 @@ def noise_lines(ctx: Context, cells: list[Cell]) -> list[str]:
              f"{100 * ctx.margin:g} point(s).", "",
              "| seeds per cell (A, B) | 95% interval half-width | smallest difference found 80% of the time |",
              "|---|---|---|"]
-    for n in sorted({c.acc.n for c in cells}):
-        se = sd * math.sqrt(2 / n)
-        lines.append(f"| {n}, {n} | ±{100 * critical(df) * se:.2f} | {100 * detectable(se, df):.2f} |")
+    ns = sorted({c.acc.n for c in cells})
+    for i, a in enumerate(ns):
+        for b in ns[i:]:
+            se = sd * math.sqrt(1 / a + 1 / b)
+            lines.append(f"| {a}, {b} | ±{100 * critical(df) * se:.2f} | {100 * detectable(se, df):.2f} |")
     return lines
 
 
@@ -394,7 +411,7 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None, margin: f
     out = Path(out) if out else sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     cells = make_cells(runs)
-    teachers_ = {} if from_csv else teachers(sweep_dir, record)
+    teachers_ = load_teachers(sweep_dir) if from_csv else teachers(sweep_dir, record)
     ctx = context(record, cells, {n: t["parameters"] for n, t in teachers_.items()}, margin)
     claims = claims_.evaluate_claims(cells, ctx)
     pairs = claims_.family_pairs(cells, ctx)

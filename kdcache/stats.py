@@ -19,6 +19,8 @@ POWER = 0.80          # the power at which the smallest detectable effect is sta
 MARGIN_POINTS = 1.0   # default non-inferiority margin of "matches or beats" claims, in accuracy points
 
 HOLDS, FAILS, UNDETECTED, UNMEASURED = "holds", "does not hold", "no difference detected", "not measured"
+# "A matches or beats B" when A is detectably worse, but perhaps by less than the margin: neither shown nor refuted
+WORSE = "worse, within the margin not excluded"
 
 
 @dataclass(frozen=True)
@@ -152,23 +154,28 @@ def superiority(iv: Interval) -> str:
 
 
 def non_inferiority(iv: Interval, margin: float) -> str:
-    """"A matches or beats B": holds only when the interval lies above -margin (A is at most `margin`
-    worse, at 95%); does not hold when A is detectably worse and not shown within the margin; else no
-    difference was detected, which is not a match."""
+    """"A matches or beats B", a non-inferiority test: holds only when the interval lies above -margin (A is
+    at most `margin` worse, at 95%); does not hold when it lies below -margin (A is worse by more than the
+    margin); when it lies below 0 but reaches past -margin, A is detectably worse by an amount the study
+    cannot place on either side of the margin (WORSE); else no difference was detected, which is not a
+    match."""
     if iv.lo > -margin:
         return HOLDS
-    if iv.hi < 0:
+    if iv.hi < -margin:
         return FAILS
-    return UNDETECTED
+    return WORSE if iv.hi < 0 else UNDETECTED
 
 
 def every(verdicts: list[str]) -> str:
-    """A claim about every comparison: any failure fails it, all must hold for it to hold."""
+    """A claim about every comparison: any failure fails it, all must hold for it to hold; otherwise
+    undecided, and WORSE where a comparison found A worse."""
     if not verdicts:
         return UNMEASURED
     if FAILS in verdicts:
         return FAILS
-    return HOLDS if all(v == HOLDS for v in verdicts) else UNDETECTED
+    if all(v == HOLDS for v in verdicts):
+        return HOLDS
+    return WORSE if WORSE in verdicts else UNDETECTED
 
 
 def some(verdicts: list[str]) -> str:
@@ -177,7 +184,9 @@ def some(verdicts: list[str]) -> str:
         return UNMEASURED
     if HOLDS in verdicts:
         return HOLDS
-    return FAILS if all(v == FAILS for v in verdicts) else UNDETECTED
+    if all(v == FAILS for v in verdicts):
+        return FAILS
+    return WORSE if all(v in (FAILS, WORSE) for v in verdicts) else UNDETECTED
 
 
 def _finite(x: float) -> float | None:

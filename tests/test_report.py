@@ -14,6 +14,7 @@ from kdcache.stats import (
     HOLDS,
     UNDETECTED,
     UNMEASURED,
+    WORSE,
     Noise,
     Stats,
     contrast,
@@ -60,9 +61,15 @@ def test_tests_and_combinations():
     assert non_inferiority(worse, 0.01) == FAILS
     slightly = difference(Stats(0.595, 0.01, 4), Stats(0.60, 0.01, 4), Noise(0.001, 30))
     assert slightly.hi < 0 and non_inferiority(slightly, 0.01) == HOLDS  # worse, but by less than the margin
+    # worse by 0.8 points, interval [-1.23, -0.37]: detectably worse, but on no known side of the 1-point margin
+    unplaced = difference(Stats(0.592, 0.01, 4), Stats(0.60, 0.01, 4), Noise(0.003, 30))
+    assert unplaced.lo < -0.01 < unplaced.hi < 0 and non_inferiority(unplaced, 0.01) == WORSE
+    assert worse.hi < -0.01  # the FAILS above: worse by more than the margin, at 95%
     assert every([]) == some([]) == UNMEASURED
     assert every([HOLDS, HOLDS]) == HOLDS and every([HOLDS, UNDETECTED]) == UNDETECTED
-    assert every([HOLDS, FAILS]) == FAILS
+    assert every([HOLDS, FAILS]) == FAILS and every([WORSE, FAILS]) == FAILS
+    assert every([HOLDS, WORSE, UNDETECTED]) == WORSE
+    assert some([FAILS, WORSE]) == WORSE and some([WORSE, UNDETECTED]) == UNDETECTED
     assert some([FAILS, HOLDS]) == HOLDS and some([FAILS, UNDETECTED]) == UNDETECTED and some([FAILS, FAILS]) == FAILS
 
 
@@ -137,8 +144,10 @@ def test_claims_use_the_preset_alpha_and_never_pick_one_on_test_accuracy():
     head = preset[5]["comparisons"][0]
     assert head["diff"] == pytest.approx(0.705 - 0.71) and head["ci95"][0] < -0.01
     assert preset[5]["verdict"] == UNDETECTED
-    assert [c["in_verdict"] for c in preset[5]["comparisons"]] == [True, False]  # the 50%-without-KD control
+    assert [c["in_verdict"] for c in preset[5]["comparisons"]] == [True, False, False]  # the two controls
     assert "control" in preset[5]["comparisons"][1]["label"] and preset[5]["comparisons"][1]["verdict"] == HOLDS
+    # 50% without KD (61%) against 100% (71%): 10 points worse, so the headline's gain is KD's
+    assert preset[5]["comparisons"][2]["verdict"] == FAILS
     # claim 3: the gain of alpha 0.9 over 0.5 is +10 points at 10% and -5 at 50%: +15, beyond noise
     trend = preset[3]["comparisons"][0]
     assert trend["diff"] == pytest.approx((0.455 - 0.355) - (0.655 - 0.705)) and preset[3]["verdict"] == HOLDS
@@ -166,11 +175,14 @@ def test_cached_online_verdict_is_the_default_forms_and_families_compare_every_p
     assert [("clean view" in c["label"], c["in_verdict"]) for c in online] == [(True, True), (False, False),
                                                                                   (False, False)]
     assert claims[6]["verdict"] == HOLDS  # clean view -0.0 points, interval well inside [-1, +1]
-    assert [c["verdict"] for c in claims[7]["comparisons"]] == [HOLDS, FAILS] and claims[7]["verdict"] == FAILS
+    # 16 views: 0.75 points below the clean view, interval about [-1.2, -0.3]: worse, the margin not excluded
+    assert [c["verdict"] for c in claims[7]["comparisons"]] == [HOLDS, WORSE] and claims[7]["verdict"] == WORSE
     cells = make_cells(runs)
     pairs = family_pairs(cells, Context(Noise.pooled([c.acc for c in cells]), 0.01, None))
     assert len(pairs) == 6 and {p["family"] for p in pairs} == {"cache form"}   # 4 cells: every pair
     sixteen_vs_four = next(p for p in pairs if "16 stored" in p["label"] and "4 stored" in p["label"])
+    two = make_cells(_runs({k: v for k, v in list(accs.items())[:2]}, fraction=0.1, alpha=0.9, augment=True))
+    assert len(family_pairs(two, Context(Noise.pooled([c.acc for c in two]), 0.01, None))) == 1  # a family of two
     assert sixteen_vs_four["verdict"] in ("A better", "B better")
     assert abs(sixteen_vs_four["diff"]) == pytest.approx(0.06)
 
@@ -213,3 +225,45 @@ def test_committed_reports_regenerate_from_results_csv(study, tmp_path):
 def test_bad_margin_is_one_line(tmp_path):
     result = run_cli("report", ROOT / "results" / "views-cpu", "--out", tmp_path, "--margin", "-1", expect=2)
     assert result.output.strip() == "error: --margin must be 0 or more accuracy points, got -1.0"
+
+
+def test_the_paper_cpu_grid_measures_its_claims_and_its_report_rebuilds_from_its_csvs(tmp_path):
+    """protocols/paper-cpu.toml's own student grid, with made-up accuracies (KD +8 points, score methods -3,
+    a resnet20 student +5): every claim it has cells for is measured (claim 3 between 2% and 10%, not the
+    headline's 50% with and without KD), and the report rebuilt from its CSVs keeps the teachers (claim 4,
+    teacher accuracies)."""
+    from kdcache.protocol import load_protocol, student_runs
+    from kdcache.report import write_csvs, write_report
+
+    grid = student_runs(load_protocol(ROOT / "protocols" / "paper-cpu.toml"))
+    configs = {json.dumps(r, sort_keys=True): r for r in grid}  # the sweep runs a repeated run once
+    rng, runs = random.Random(0), []
+    for i, c in enumerate(configs.values()):
+        acc = ({0.02: 0.50, 0.1: 0.62, 0.5: 0.80, 1.0: 0.85}[c["fraction"]] + 0.08 * (c["alpha"] > 0)
+               - 0.03 * (c["method"] != "random") + 0.05 * (c["arch"] == "resnet20") + rng.gauss(0, 0.01))
+        runs.append({"name": f"s{i}", "folder": f"students/s{i}", "config": c, "train_config": {"device": "cpu"},
+                     "summary": {"test_acc": acc, "best_test_acc": acc, "images_per_sec": 100.0, "train_seconds": 1.0,
+                                 "epochs": c["epochs"], "steps": 10, "num_selected": 1, "cache_bytes_per_sample": 20}})
+    teachers = {"resnet20": {"arch": "resnet20", "parameters": 272474, "epochs": 30, "steps": 5880, "test_acc": 0.8614,
+                             "train_seconds": 2069.3},
+                "resnet8": {"arch": "resnet8", "parameters": 78042, "epochs": 30, "steps": 5880, "test_acc": 0.80,
+                            "train_seconds": 900.0}}
+    write_csvs(tmp_path, runs, make_cells(runs), teachers, [])
+    shutil.copy(ROOT / "protocols" / "paper-cpu.toml", tmp_path / "protocol.toml")
+    result = write_report(tmp_path, tmp_path)
+
+    claims = {c["id"]: c for c in result["claims"]}
+    assert [i for i, c in claims.items() if c["verdict"] == UNMEASURED] == [7, 8]
+    assert claims[1]["judged_on"] == "resnet20" and claims[1]["verdict"] == HOLDS
+    (trend,) = claims[3]["comparisons"]
+    assert "gain of alpha 0.9 over 0.5 at 0.02 minus at 0.1" in trend["label"]
+    (small,) = claims[4]["comparisons"]
+    assert "resnet20 student: teacher resnet8 (78,042 parameters) vs resnet20 (272,474)" in small["label"]
+    assert [c["in_verdict"] for c in claims[5]["comparisons"]] == [True, False, False]
+    assert "0.5 without KD vs 100% without KD" in claims[5]["comparisons"][2]["label"]
+    assert len(claims[2]["comparisons"]) == 6 and len(claims[6]["comparisons"]) == 1
+    assert result["teachers"]["resnet8"]["test_acc"] == 0.80
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert {r["teacher_test_acc"] for r in rows if r["teacher"] == "resnet20"} == {"0.8614"}
+    assert len(list(csv.DictReader((tmp_path / "teachers.csv").open()))) == 2
+    assert "| 2, 4 |" in (tmp_path / "report.md").read_text()  # score methods (2 seeds) against random (4)
