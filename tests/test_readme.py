@@ -76,3 +76,11 @@ def test_every_relative_link_resolves():
                 if anchor not in {_slug(h) for h in headings}:
                     broken.append(f"{doc.name}: {link} (no such heading)")
     assert not broken, broken
+
+
+@pytest.mark.parametrize("protocol", sorted((ROOT / "protocols").glob("*.toml")), ids=lambda p: p.name)
+def test_committed_protocols_plan(protocol: Path, tmp_path):
+    """Every committed protocol, GPU ones included, is one `kdcache sweep` accepts, planned without running."""
+    result = run_cli("sweep", protocol, "--dry-run", "--out", tmp_path / "runs")
+    planned = re.search(r"(\d+) students in this shard", result.output)
+    assert planned and int(planned.group(1)) > 0, result.output
