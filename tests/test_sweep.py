@@ -179,7 +179,9 @@ def test_report_numbers_equal_a_direct_computation(swept, tmp_path):
     # claim 3 needs two alphas above 0 at both the smallest and the largest fraction: smoke has 0.9 only at 0.5
     assert by_id[3]["comparisons"] == [] and by_id[3]["verdict"] == "not measured"
     assert len(by_id[4]["comparisons"]) == 1
-    assert [c["in_verdict"] for c in by_id[5]["comparisons"]] == [True, False]  # the headline, then its control
+    # the headline, then its controls: 50% with KD vs without, 50% without KD vs 100% without
+    assert [c["in_verdict"] for c in by_id[5]["comparisons"]] == [True, False, False]
+    assert "0.5 without KD vs 100% without KD" in by_id[5]["comparisons"][2]["label"]
     assert len(by_id[6]["comparisons"]) == 1
     # the noise: pooled over the 21 cells of 2 seeds each, 21 degrees of freedom
     accs = [np.array(d["acc"]) for d in direct_cells(swept.out).values()]
