@@ -23,8 +23,8 @@ from types import SimpleNamespace
 import click
 
 from kdcache.files import atomic, write_json
+from kdcache.run_folder import read_metrics
 from kdcache.store import is_complete_cache
-from kdcache.train import read_metrics
 
 SHOW = {"show_default": True}
 

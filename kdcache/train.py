@@ -40,9 +40,9 @@ from .loader import Batches
 from .models import build_model, save_checkpoint
 from .preflight import select_subset, validate
 from .resident import ResidentBatches, make_batches
+from .run_folder import CHECKPOINT, METRICS, SUMMARY, check_out, read_metrics
 from .teachers import CachedTeacher, OnlineTeacher, make_teacher
 
-SUMMARY, METRICS, CHECKPOINT = "summary.json", "metrics.jsonl", "last.pt"
 # What training computes, beyond its options: bump it with any change that alters results (sweeps hash it,
 # so that a study never mixes runs of two trainers). 2: augmentation drawn per sample on the device,
 # BatchNorm statistics re-estimated before evaluation, a warm-up floor. 3: image folders' random-resized crops
@@ -92,48 +92,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
                             {"params": no_decay, "weight_decay": 0.0}],
                            lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
-
-
-# --- the run -------------------------------------------------------------------------------------
-
-def check_out(cfg: TrainConfig) -> dict | None:
-    """Nothing lost on a crash, nothing overwritten by accident: a run already in --out is resumed or
-    returned (--resume), started over (--overwrite), or else refused. Returns a finished run's summary."""
-    out = Path(cfg.out)
-    if cfg.resume and cfg.overwrite:
-        raise UserError("give either --resume or --overwrite, not both")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a run folder")
-    if (out / SUMMARY).is_file():
-        if cfg.resume:
-            _check_same_options(cfg, out)
-            return json.loads((out / SUMMARY).read_text())
-        if not cfg.overwrite:
-            raise UserError(f"{out} holds a finished run: pass --overwrite to train it again, or choose another --out")
-    elif (out / CHECKPOINT).is_file() and not (cfg.resume or cfg.overwrite):
-        raise UserError(f"{out} holds a killed run: pass --resume to continue it, or --overwrite to start over")
-    return None
-
-
-# options that do not change what a run computes: a resumed run may change them
-NOT_RESULTS = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("result") is False}
-
-
-def _check_same_options(cfg: TrainConfig, out: Path) -> None:
-    """--resume returns a finished run only if it ran with these options: never a stale result."""
-    try:
-        recorded = json.loads((out / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return  # a summary without its config: nothing to compare against
-    differ = [f.name for f in dataclasses.fields(cfg) if f.name not in NOT_RESULTS and f.name in recorded
-              and recorded[f.name] != getattr(cfg, f.name)]
-    if differ:
-        raise UserError(f"{out} holds a finished run with other options ({', '.join(differ)}); pass --overwrite "
-                        "to train it again, or choose another --out")
 
 
 def train(cfg: TrainConfig) -> dict:

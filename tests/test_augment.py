@@ -6,7 +6,7 @@ import torch
 from conftest import run_cli
 
 from kdcache.augment import crop_flip, draw
-from kdcache.train import read_metrics
+from kdcache.run_folder import read_metrics
 
 
 def test_crop_flip_matches_a_direct_computation():

@@ -3,7 +3,7 @@ import json
 import pytest
 from kdcache_cli.demo import main
 
-from kdcache.train import read_metrics
+from kdcache.run_folder import read_metrics
 
 TINY = ["--source", "synthetic", "--data-option", "num-train=400", "--data-option", "num-test=200",
         "--data-option", "num-classes=4", "--data-option", "image-size=16", "--teacher-epochs", "2",

@@ -12,10 +12,10 @@ from conftest import DUMP, SUBPROCESS_TIMEOUT, make_teacher, manifest, read_beto
 from torch import nn
 
 from kdcache.errors import UserError
+from kdcache.run_folder import read_metrics
 from kdcache.scores import TEACHER_SCORES, teacher_scores
 from kdcache.store import LogitCache, open_store
 from kdcache.store_writer import DIE_AFTER_ENV
-from kdcache.train import read_metrics
 
 ARRAYS = ["logits", "labels"] + [f"scores/{name}" for name in TEACHER_SCORES]
 

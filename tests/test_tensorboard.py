@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import kill_at, run_cli
 
-from kdcache.train import read_metrics
+from kdcache.run_folder import read_metrics
 
 ARGS = ["--alpha", 0, "--epochs", 2, "--no-augment", "--arch", "resnet8", "--batch-size", 32, "--workers", 1,
         "--tensorboard"]

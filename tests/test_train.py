@@ -12,7 +12,7 @@ from conftest import SUBPROCESS_TIMEOUT, kill_at, run_cli
 
 from kdcache.contracts import Cache
 from kdcache.distill import auto_alpha, kd_loss
-from kdcache.train import METRICS, read_metrics
+from kdcache.run_folder import METRICS, read_metrics
 
 FAST = ["--arch", "resnet20", "--batch-size", 32, "--workers", 1, "--lr", 0.05]
 
@@ -489,9 +489,10 @@ def test_a_run_killed_after_its_last_epoch_resumes_to_its_result(synth, tmp_path
 def test_eval_batch_size_changes_no_accuracy(synth, teacher, tmp_path):
     """--eval-batch-size is declared not to change results (NOT_RESULTS): evaluation runs in eval mode."""
     from kdcache.beton import dataset_info
+    from kdcache.evaluation import evaluate
     from kdcache.loader import Batches
     from kdcache.models import load_checkpoint
-    from kdcache.train import NOT_RESULTS, evaluate
+    from kdcache.run_folder import NOT_RESULTS
 
     model, _ = load_checkpoint(teacher / "model.pt")
     info = dataset_info(synth / "test.beton")
